@@ -1,0 +1,5 @@
+import sys
+
+from veridical.cli import main
+
+sys.exit(main())

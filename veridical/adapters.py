@@ -1,0 +1,283 @@
+"""Model adapters: what veridical needs to know about each vision-language family.
+
+An adapter answers, for one loaded model, the questions every method asks: where the image tokens
+are in each row of ``input_ids``, which modules form the text decoder (layers, attention, final norm,
+``lm_head``), and how to build the inputs of a contrast branch (noised image, blank image, prompt
+without the image). The family is read from ``model.config.model_type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from veridical.errors import InputError, UnsupportedModelError
+
+Inputs = Mapping[str, Any]
+
+
+class ModelAdapter:
+    """Family-independent view of a Hugging Face vision-language model.
+
+    Subclasses override the few places where families differ. Instances are cheap; build one with
+    :func:`get_adapter`.
+    """
+
+    family: str = ""
+    #: Input keys that carry the image and are dropped when the image is removed.
+    image_input_keys: tuple[str, ...] = ("pixel_values",)
+    #: Token ids, besides the image token itself, that belong to the image placeholder.
+    image_wrapper_token_attrs: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.text_config = model.config.text_config
+
+    # -- image tokens -------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        for attr in ("image_token_id", "image_token_index"):
+            value = getattr(self.config, attr, None)
+            if value is not None:
+                return int(value)
+        raise UnsupportedModelError(f"{self.family} config has no image token id")
+
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean ``(batch, seq)`` mask of the positions that hold image features."""
+        return input_ids == self.image_token_id
+
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per row, the ``[start, end)`` runs of image positions (one run per image)."""
+        mask = self.image_mask(input_ids).to(torch.int8)
+        edges = torch.diff(
+            mask, dim=1, prepend=mask.new_zeros(mask.shape[0], 1), append=mask.new_zeros(mask.shape[0], 1)
+        )
+        spans = []
+        for row in edges:
+            starts = (row == 1).nonzero().flatten().tolist()
+            ends = (row == -1).nonzero().flatten().tolist()
+            spans.append(list(zip(starts, ends, strict=True)))
+        return spans
+
+    def validate_inputs(self, inputs: Inputs) -> None:
+        """Raise :class:`InputError` unless ``inputs`` hold a batch where every row has an image."""
+        if "input_ids" not in inputs:
+            raise InputError("inputs have no 'input_ids'; pass the processor's output")
+        input_ids = inputs["input_ids"]
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if inputs.get("pixel_values") is None:
+            raise InputError("inputs have no 'pixel_values': the processor was called without images")
+        counts = self.image_mask(input_ids).sum(dim=1)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise InputError(
+                f"row(s) {empty} of input_ids contain no image token (id {self.image_token_id}); "
+                "put the family's image placeholder in the prompt or use the processor's chat template"
+            )
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+
+    def batch_size(self, inputs: Inputs) -> int:
+        return int(inputs["input_ids"].shape[0])
+
+    # -- text decoder -------------------------------------------------------------------------
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder stack (embeddings, ``layers``, ``norm``) without the LM head."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.layers]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.text_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        explicit = getattr(self.text_config, "head_dim", None)
+        return int(explicit or self.text_config.hidden_size // self.num_heads)
+
+    # -- contrast branches ----------------------------------------------------------------------
+    def map_pixels(self, inputs: Inputs, fn) -> dict[str, Any]:
+        """Copy of ``inputs`` with ``fn`` applied to the (normalised) pixel tensor."""
+        out = dict(inputs)
+        out["pixel_values"] = fn(inputs["pixel_values"])
+        return out
+
+    def without_image(self, inputs: Inputs) -> dict[str, Any]:
+        """The same prompts with the image placeholder tokens removed, re-padded on the left."""
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(input_ids))
+        keep = ~self._placeholder_mask(input_ids) & mask.bool()
+        rows = [input_ids[i][keep[i]] for i in range(input_ids.shape[0])]
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise InputError("the prompt is empty once the image is removed")
+        pad = self.pad_token_id
+        new_ids = input_ids.new_full((len(rows), width), pad)
+        new_mask = torch.zeros_like(new_ids)
+        for i, row in enumerate(rows):
+            new_ids[i, width - len(row) :] = row
+            new_mask[i, width - len(row) :] = 1
+        dropped = set(self.image_input_keys) | {"input_ids", "attention_mask", "mm_token_type_ids"}
+        out = {k: v for k, v in inputs.items() if k not in dropped}
+        out.update(input_ids=new_ids, attention_mask=new_mask)
+        return out
+
+    def _placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = self.image_mask(input_ids)
+        for attr in self.image_wrapper_token_attrs:
+            token = getattr(self.config, attr, None)
+            if token is not None:
+                mask |= input_ids == token
+        return mask
+
+    @property
+    def pad_token_id(self) -> int:
+        for source in (self.model.generation_config, self.text_config, self.config):
+            value = getattr(source, "pad_token_id", None)
+            if value is not None:
+                return int(value)
+        return 0
+
+    # -- running a branch on its own cache -----------------------------------------------------
+    def prefill_position_ids(self, inputs: Inputs) -> torch.Tensor:
+        """Position ids for a prompt, as ``generate`` computes them (left padding skipped)."""
+        mask = inputs["attention_mask"]
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def next_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of one new token following the last column of ``position_ids``."""
+        return position_ids[..., -1:] + 1
+
+    def prefill_module(self, inputs: Inputs) -> nn.Module:
+        """Module that runs the prompt (image included) of a branch."""
+        return self.model
+
+    def decode_module(self) -> nn.Module:
+        """Module that runs one new text token of a branch against its cache."""
+        return self.model
+
+
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+
+
+class LlavaNextAdapter(ModelAdapter):
+    family = "llava_next"
+    image_input_keys = ("pixel_values", "image_sizes")
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2_vl"
+    image_input_keys = ("pixel_values", "image_grid_thw")
+    image_wrapper_token_attrs = ("vision_start_token_id", "vision_end_token_id")
+
+    def map_pixels(self, inputs: Inputs, fn) -> dict[str, Any]:
+        # Pixels arrive as flattened patches (patches, C * T * P * P) where the T temporal copies of
+        # a still image are identical; apply fn to one copy so both stay the same image.
+        out = dict(inputs)
+        pixels = inputs["pixel_values"]
+        t = int(self.config.vision_config.temporal_patch_size)
+        p = int(self.config.vision_config.patch_size)
+        channels = pixels.shape[1] // (t * p * p)
+        grid = pixels.view(pixels.shape[0], channels, t, p, p)
+        first = fn(grid[:, :, :1])
+        out["pixel_values"] = first.expand_as(grid).reshape(pixels.shape).contiguous()
+        return out
+
+    def prefill_position_ids(self, inputs: Inputs) -> torch.Tensor:
+        if inputs.get("image_grid_thw") is None:
+            return super().prefill_position_ids(inputs).unsqueeze(0).expand(3, -1, -1)
+        position_ids, _ = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
+        return position_ids
+
+    def next_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        # A text token after the prompt sits one past the largest position of its row in all three
+        # M-RoPE axes.
+        return position_ids.amax(dim=(0, 2), keepdim=True).expand(3, -1, 1) + 1
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+
+
+class InstructBlipAdapter(ModelAdapter):
+    family = "instructblip"
+    image_input_keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+
+    def validate_inputs(self, inputs: Inputs) -> None:
+        super().validate_inputs(inputs)
+        if not self.config.use_decoder_only_language_model:
+            raise UnsupportedModelError(
+                "InstructBLIP with an encoder-decoder language model (Flan-T5) is not supported; "
+                "use a Vicuna-based checkpoint"
+            )
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.language_model.model
+
+    def prefill_module(self, inputs: Inputs) -> nn.Module:
+        return self.model if "pixel_values" in inputs else self.model.language_model
+
+    def decode_module(self) -> nn.Module:
+        return self.model.language_model
+
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    cls.family: cls
+    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InstructBlipAdapter)
+}
+SUPPORTED_FAMILIES = tuple(ADAPTERS)
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, chosen from ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        return ADAPTERS[model_type](model)
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} ({type(model).__name__}) is not supported; "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        ) from None

@@ -1,0 +1,10 @@
+"""Decoders: logits processors that change the next-token distribution.
+
+Pass an instance to a stock ``model.generate(..., logits_processor=[...])`` or name it in
+:func:`veridical.generate`.
+"""
+
+from veridical.decoders.contrastive import ContrastiveDecoder
+from veridical.decoders.vcd import VCD
+
+__all__ = ["VCD", "ContrastiveDecoder"]

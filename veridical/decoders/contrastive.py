@@ -1,0 +1,51 @@
+"""Shared two-branch machinery of contrastive decoders (VCD, M3ID, AvisC, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LogitsProcessor
+
+from veridical.adapters import Inputs, ModelAdapter, get_adapter
+from veridical.branch import Branch
+
+
+class ContrastiveDecoder(LogitsProcessor):
+    """A logits processor that compares each step's scores with a contrast branch's logits.
+
+    Subclasses build the contrast inputs and implement :meth:`combine`. The branch keeps its own
+    KV cache, follows beam reordering and expanded rows (see :class:`veridical.branch.Branch`).
+    One instance serves one ``generate()`` call.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Inputs):
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.adapter.validate_inputs(inputs)
+        self.inputs = inputs
+        self._branch: Branch | None = None
+
+    def contrast_inputs(self) -> Inputs:
+        """Inputs of the contrast branch; called once, lazily, at the first generation step."""
+        raise NotImplementedError
+
+    def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
+        """New scores from the main and contrast branches' float32 log-probabilities (rows, vocab)."""
+        raise NotImplementedError
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._branch is None:
+            self._branch = Branch(self.adapter, self.contrast_inputs(), self.inputs["input_ids"])
+        contrast = self._branch.next_logits(input_ids).to(scores.device)
+        # Scores are raw logits under greedy/sampling and log-probabilities under beam search; the
+        # log-softmax makes both the same, and is a per-row shift that changes no argmax or sample.
+        log_probs = torch.log_softmax(scores.float(), dim=-1)
+        combined = self.combine(log_probs, torch.log_softmax(contrast, dim=-1))
+        # Rows that other processors fully masked stay as they were instead of turning into NaN.
+        dead = ~torch.isfinite(log_probs).any(dim=-1, keepdim=True)
+        return torch.where(dead, scores.float(), combined).to(scores.dtype)
+
+
+def plausibility_mask(log_probs: torch.Tensor, beta: float) -> torch.Tensor:
+    """True for tokens outside the adaptive plausibility set ``p >= beta * max p`` (VCD, Li et al.)."""
+    cutoff = torch.log(torch.tensor(beta, dtype=log_probs.dtype)) + log_probs.amax(dim=-1, keepdim=True)
+    return log_probs < cutoff

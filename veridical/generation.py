@@ -1,0 +1,34 @@
+"""``veridical.generate``: one call that stacks decoders and head methods on ``model.generate``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from veridical.adapters import Inputs
+from veridical.registry import MethodSpec, build_method
+
+
+def generate(
+    model: nn.Module, inputs: Inputs, methods: Sequence[MethodSpec] = (), **generate_kwargs: Any
+) -> Any:
+    """``model.generate(**inputs, **generate_kwargs)`` with ``methods`` applied.
+
+    Decoders (logits processors) are appended after any ``logits_processor`` the caller passes;
+    head methods (context managers) are active for exactly the span of the call and removed
+    afterwards, also when generation raises. ``methods=[]`` is exactly ``model.generate``.
+    """
+    if not methods:
+        return model.generate(**inputs, **generate_kwargs)
+    built = [build_method(spec, model, inputs) for spec in methods]
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    processors.extend(m for m in built if isinstance(m, LogitsProcessor))
+    with ExitStack() as stack:
+        for method in built:
+            if not isinstance(method, LogitsProcessor):
+                stack.enter_context(method)
+        return model.generate(**inputs, logits_processor=processors, **generate_kwargs)

@@ -1,0 +1,325 @@
+"""Tiny random-weight vision-language models of every supported family.
+
+They are built from configs in well under a second and never touch the network, so the test-suite
+and the README demo run offline on a CPU. Each factory returns ``(model, processor)`` where the
+processor is the family's real processor class (PIL image processors: torchvision is not a
+dependency). Random weights do not hallucinate in any meaningful way; they exercise code paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "instructblip")
+
+_WORDS = (
+    "a an the is there in of and on with to what describe this image picture please detail "
+    "yes no not cat dog car person table cup fork knife red blue green big small one two three "
+    "USER: ASSISTANT: user assistant system ? . , :"
+).split()
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+_IMAGE_TOKENS = {
+    "llava": ["<image>"],
+    "llava_next": ["<image>"],
+    "qwen2_vl": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"],
+    "qwen2_5_vl": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"],
+    "instructblip": ["<image>"],
+}
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 4
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2
+
+
+def word_tokenizer(
+    extra_specials: list[str], words: tuple[str, ...] | list[str] = _WORDS, image_token: str | None = None
+) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer; ``extra_specials`` are never split or lower-cased."""
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + extra_specials + list(dict.fromkeys(words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(_SPECIALS + extra_specials)
+    kwargs = {"image_token": image_token} if image_token else {}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens=kwargs or None,
+    )
+    return tok
+
+
+def _text_config(vocab_size: int, **extra) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+
+
+def _finish(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> torch.nn.Module:
+    gc = model.generation_config
+    gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    return model.eval()
+
+
+def tiny_llava(seed: int = 0):
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = word_tokenizer(_IMAGE_TOKENS["llava"], image_token="<image>")
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=30,
+            patch_size=6,
+        ),
+        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=6,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return _finish(model, tok), proc
+
+
+def tiny_llava_next(seed: int = 0):
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tok = word_tokenizer(_IMAGE_TOKENS["llava_next"], image_token="<image>")
+    pinpoints = [[30, 60], [60, 30], [60, 60]]
+    config = LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=30,
+            patch_size=6,
+        ),
+        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=6,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return _finish(model, tok), proc
+
+
+def _qwen_processor_class():
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        """Qwen2-VL's processor without the video processor, which needs torchvision."""
+
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+def _tiny_qwen(family: str, seed: int):
+    from transformers import Qwen2VLImageProcessorPil
+
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=TEXT_HIDDEN,
+            num_heads=4,
+            patch_size=6,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=6,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=24,
+            out_hidden_size=TEXT_HIDDEN,
+            fullatt_block_indexes=[1],
+        )
+    tok = word_tokenizer(_IMAGE_TOKENS[family])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _IMAGE_TOKENS[family]}
+    head_dim = TEXT_HIDDEN // TEXT_HEADS
+    config = Config(
+        vision_config=vision,
+        text_config=_text_config(
+            len(tok),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+            },
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Model(config)
+    ip = Qwen2VLImageProcessorPil(
+        patch_size=6,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 12 * 12 * 4, "longest_edge": 36 * 36},
+    )
+    proc = _qwen_processor_class()(image_processor=ip, tokenizer=tok)
+    return _finish(model, tok), proc
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    return _tiny_qwen("qwen2_vl", seed)
+
+
+def tiny_qwen2_5_vl(seed: int = 0):
+    return _tiny_qwen("qwen2_5_vl", seed)
+
+
+def tiny_instructblip(seed: int = 0):
+    from transformers import (
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
+
+    # InstructBlipProcessor crashes when the LM tokenizer carries an `image_token` attribute.
+    tok = word_tokenizer(_IMAGE_TOKENS["instructblip"])
+    num_query = 8
+    config = InstructBlipConfig(
+        # The vision default initializer_range (1e-10) would make every image look the same.
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=30,
+            patch_size=6,
+            initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+        ),
+        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        num_query_tokens=num_query,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
+    ip = BlipImageProcessorPil(size={"height": 30, "width": 30})
+    qtok = word_tokenizer([])
+    qtok.padding_side = "right"
+    proc = InstructBlipProcessor(
+        image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=num_query
+    )
+    return _finish(model, tok), proc
+
+
+FACTORIES = {
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "instructblip": tiny_instructblip,
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    """``(model, processor)`` of a tiny random-weight model of ``family``."""
+    try:
+        factory = FACTORIES[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; tiny models exist for {', '.join(FAMILIES)}") from None
+    return factory(seed)
+
+
+IMAGE_PLACEHOLDER = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    # InstructBlipProcessor prepends the query-token placeholders itself.
+    "instructblip": "",
+}
+
+
+def random_images(n: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((40, 50), (30, 30))):
+    """``n`` noise images of alternating sizes (PIL), reproducible from ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray((rng.random((*sizes[i % len(sizes)], 3)) * 255).astype("uint8")) for i in range(n)
+    ]
+
+
+def tiny_inputs(family: str, processor, questions: list[str], seed: int = 0):
+    """Processor outputs for one image per question, left-padded, as a real user builds them."""
+    tag = IMAGE_PLACEHOLDER[family]
+    texts = [f"USER: {tag} {q} ASSISTANT:" for q in questions]
+    return processor(images=random_images(len(texts), seed), text=texts, return_tensors="pt", padding=True)
