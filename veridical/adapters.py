@@ -27,6 +27,8 @@ class ModelAdapter:
     """
 
     family: str = ""
+    #: What a prompt writes where the image goes when the processor has no chat template.
+    image_placeholder: str = "<image>"
     #: Input keys that carry the image and are dropped when the image is removed.
     image_input_keys: tuple[str, ...] = ("pixel_values",)
     #: Token ids, besides the image token itself, that belong to the image placeholder.
@@ -204,6 +206,7 @@ class LlavaNextAdapter(ModelAdapter):
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
+    image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     image_input_keys = ("pixel_values", "image_grid_thw")
     image_wrapper_token_attrs = ("vision_start_token_id", "vision_end_token_id")
 
@@ -243,6 +246,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 class InstructBlipAdapter(ModelAdapter):
     family = "instructblip"
+    image_placeholder = ""  # InstructBlipProcessor prepends the query-token placeholders itself
     image_input_keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
 
     def validate_inputs(self, inputs: Inputs) -> None:

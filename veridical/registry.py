@@ -62,27 +62,59 @@ def method_class(name: str) -> type:
         ) from None
 
 
-def build_method(spec: MethodSpec, model: nn.Module, inputs: Inputs) -> object:
-    """Instantiate one method from a name, a ``{"name": ..., **hyper-parameters}`` dict or an instance."""
+def parse_method_spec(text: str) -> MethodSpec:
+    """A method spec from the command line: ``vcd``, ``vcd:alpha=2,contrast=blank`` or a JSON object."""
+    import json
+
+    import yaml
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise MethodSpecError(f"method spec {text!r} is not valid JSON: {err.msg}") from err
+        if not isinstance(spec, dict):
+            raise MethodSpecError(f"method spec {text!r} must be a JSON object")
+        return spec
+    name, _, params = text.partition(":")
+    if not params:
+        return name
+    spec: dict[str, Any] = {"name": name}
+    for item in params.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MethodSpecError(f"method spec {text!r}: expected key=value, got {item!r}")
+        spec[key.strip()] = yaml.safe_load(value)
+    return spec
+
+
+def validate_spec(spec: MethodSpec) -> None:
+    """Check a name or dict spec without building it (unknown names and hyper-parameters raise)."""
     if isinstance(spec, str):
-        name, kwargs = spec, {}
-    elif isinstance(spec, Mapping):
+        method_class(spec)
+        return
+    if isinstance(spec, Mapping):
         if "name" not in spec:
             raise MethodSpecError(f"method dict {dict(spec)!r} has no 'name' key")
-        kwargs = {k: v for k, v in spec.items() if k != "name"}
-        name = spec["name"]
-    else:
+        valid = hyperparameters(method_class(spec["name"]))
+        unknown = sorted(set(spec) - {"name"} - set(valid))
+        if unknown:
+            raise MethodSpecError(
+                f"unknown hyper-parameter(s) {', '.join(unknown)} for method {spec['name']!r}; "
+                f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items())}"
+            )
+
+
+def build_method(spec: MethodSpec, model: nn.Module, inputs: Inputs) -> object:
+    """Instantiate one method from a name, a ``{"name": ..., **hyper-parameters}`` dict or an instance."""
+    if not isinstance(spec, (str, Mapping)):
         if type(spec) not in _METHODS.values():
             raise MethodSpecError(
                 f"{spec!r} is not a method: give a name, a dict or an instance of a registered method"
             )
         return spec
-    cls = method_class(name)
-    valid = hyperparameters(cls)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise MethodSpecError(
-            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {name!r}; "
-            f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items())}"
-        )
-    return cls(model, inputs, **kwargs)
+    validate_spec(spec)
+    if isinstance(spec, str):
+        return method_class(spec)(model, inputs)
+    return method_class(spec["name"])(model, inputs, **{k: v for k, v in spec.items() if k != "name"})

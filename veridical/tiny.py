@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from veridical.processors import image_only_qwen_processor_class
+
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "instructblip")
 
 _WORDS = (
@@ -76,6 +78,16 @@ def _finish(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> torch.nn.Mo
     return model.eval()
 
 
+#: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:") as a chat template.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
 def tiny_llava(seed: int = 0):
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -104,6 +116,7 @@ def tiny_llava(seed: int = 0):
         patch_size=6,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return _finish(model, tok), proc
 
@@ -147,20 +160,6 @@ def tiny_llava_next(seed: int = 0):
         num_additional_image_tokens=1,
     )
     return _finish(model, tok), proc
-
-
-def _qwen_processor_class():
-    from transformers import Qwen2VLProcessor
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        """Qwen2-VL's processor without the video processor, which needs torchvision."""
-
-        attributes = ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return ImageOnlyQwen2VLProcessor
 
 
 def _tiny_qwen(family: str, seed: int):
@@ -221,7 +220,7 @@ def _tiny_qwen(family: str, seed: int):
         temporal_patch_size=2,
         size={"shortest_edge": 12 * 12 * 4, "longest_edge": 36 * 36},
     )
-    proc = _qwen_processor_class()(image_processor=ip, tokenizer=tok)
+    proc = image_only_qwen_processor_class()(image_processor=ip, tokenizer=tok)
     return _finish(model, tok), proc
 
 
@@ -297,16 +296,6 @@ def tiny_model(family: str, seed: int = 0):
     return factory(seed)
 
 
-IMAGE_PLACEHOLDER = {
-    "llava": "<image>",
-    "llava_next": "<image>",
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    # InstructBlipProcessor prepends the query-token placeholders itself.
-    "instructblip": "",
-}
-
-
 def random_images(n: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((40, 50), (30, 30))):
     """``n`` noise images of alternating sizes (PIL), reproducible from ``seed``."""
     import numpy as np
@@ -320,6 +309,8 @@ def random_images(n: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((
 
 def tiny_inputs(family: str, processor, questions: list[str], seed: int = 0):
     """Processor outputs for one image per question, left-padded, as a real user builds them."""
-    tag = IMAGE_PLACEHOLDER[family]
+    from veridical.adapters import ADAPTERS
+
+    tag = ADAPTERS[family].image_placeholder
     texts = [f"USER: {tag} {q} ASSISTANT:" for q in questions]
     return processor(images=random_images(len(texts), seed), text=texts, return_tensors="pt", padding=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -46,6 +48,9 @@ class VCD(ContrastiveDecoder):
         contrast: ``"noise"``, ``"blank"`` or ``"no_image"``.
         seed: seed of the noise; ``None`` draws from torch's global generator as the official code.
     """
+
+    #: The official scripts sample (temperature 1, top-p 1); ``veridical eval`` uses this by default.
+    generation_defaults: ClassVar[dict] = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
 
     def __init__(
         self,

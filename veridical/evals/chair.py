@@ -311,3 +311,22 @@ def read_captions(
                 f"{path}: record {i + 1}: image id {record[image_id_key]!r} is not an integer"
             ) from None
     return pairs
+
+
+class ChairScorer:
+    """Per-sample records and metrics of a ``veridical eval chair`` run."""
+
+    def __init__(self, chair: Chair, bootstrap: int = 1000, seed: int = 0):
+        self.chair, self.bootstrap, self.seed = chair, bootstrap, seed
+
+    def record(self, sample, output: str) -> dict:
+        result = self.chair.score_caption(sample.meta["image_id"], output)
+        return {
+            "image_id": result.image_id,
+            "mentioned": result.mentioned,
+            "hallucinated": result.hallucinated,
+        }
+
+    def score(self, records) -> dict:
+        result = self.chair.score([(r["image_id"], r["output"]) for r in records], self.bootstrap, self.seed)
+        return {**result.metrics, "ci95": {k: list(v) for k, v in result.intervals.items()}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,44 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if bad is not None:
         raise DataFileError(f"{path}: record {bad + 1} is not a JSON object: {records[bad]!r}")
     return records
+
+
+def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Append JSON lines and force them to disk, so a killed run keeps every finished record."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl_resilient(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file written by :func:`append_records`.
+
+    A last line without its newline is the record a crash interrupted: it is ignored and, with
+    ``repair``, cut from the file so later appends start on a clean line. A bad line elsewhere is
+    corruption and raises.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete, _, torn = data.rpartition(b"\n")
+    if torn and repair:
+        with open(path, "r+b") as f:
+            f.truncate(len(complete) + 1 if complete else 0)
+    records = []
+    for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}: line {lineno} is corrupt: {err.msg}") from err
+    return records
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

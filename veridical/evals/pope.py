@@ -179,3 +179,22 @@ def score_pope(questions: Iterable[Question], answers: Mapping[int, str], rule: 
         (predictions[q.question_id] for q in questions), (q.label for q in questions)
     )
     return PopeResult(metrics, confusion, predictions)
+
+
+class PopeScorer:
+    """Per-sample records and metrics of a ``veridical eval pope`` run."""
+
+    def __init__(self, rule: str = "llava"):
+        self.rule = rule
+        self.parse = get_parser(rule)
+
+    def record(self, sample, output: str) -> dict:
+        return {
+            "question_id": sample.meta["question_id"],
+            "label": sample.meta["label"],
+            "answer": self.parse(output, sample.meta["label"]),
+        }
+
+    def score(self, records) -> dict:
+        metrics, confusion = pope_metrics([r["answer"] for r in records], [r["label"] for r in records])
+        return {**metrics, **confusion, "rule": self.rule}

@@ -1,0 +1,232 @@
+"""The evals' command-line commands: ``score``, ``pope-build`` and ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from veridical.evals.pope import PARSERS
+
+
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    score = sub.add_parser("score", help="score existing outputs").add_subparsers(
+        dest="benchmark", required=True
+    )
+    chair = score.add_parser("chair", help="CHAIR of captions ({image_id, caption} JSON lines)")
+    chair.add_argument("captions")
+    _add_chair_truth(chair, required=True)
+    chair.add_argument("--image-id-key", default="image_id")
+    chair.add_argument("--caption-key", default="caption")
+    chair.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals (0: none)")
+    chair.add_argument("--seed", type=int, default=0)
+    chair.add_argument("--details", help="write per-caption results to this JSON file")
+    chair.add_argument("--json", action="store_true", help="print one JSON object")
+    chair.set_defaults(run=score_chair)
+    pope = score.add_parser("pope", help="POPE of answers ({question_id, text} JSON lines)")
+    pope.add_argument("answers")
+    pope.add_argument("--questions", required=True, help="POPE question file (JSON lines or array)")
+    pope.add_argument("--rule", default="llava", choices=sorted(PARSERS), help="answer parsing rule")
+    pope.add_argument("--json", action="store_true", help="print one JSON object")
+    pope.set_defaults(run=score_pope)
+
+    build = sub.add_parser("pope-build", help="build POPE question sets from COCO-format annotations")
+    build.add_argument("instances", help="COCO instances_*.json")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--prefix", default="coco")
+    build.add_argument("--strategy", action="append", choices=("random", "popular", "adversarial"))
+    build.add_argument("--num-images", type=int, default=500)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(run=pope_build)
+
+    ev = sub.add_parser("eval", help="run a model with methods over POPE or CHAIR and score it")
+    ev.add_argument("benchmark", choices=("pope", "chair"))
+    ev.add_argument("--model", required=True, help="hub id or local folder, e.g. llava-hf/llava-1.5-7b-hf")
+    ev.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="method to apply, repeatable: vcd | vcd:alpha=2,contrast=blank | JSON object",
+    )
+    data = ev.add_argument_group("data")
+    data.add_argument("--images", help="image folder (COCO val2014 for the COCO sets)")
+    data.add_argument("--questions", help="POPE question file")
+    data.add_argument(
+        "--pope-set", help="a shipped POPE set, e.g. coco/random or coco_v2023_05_31/adversarial"
+    )
+    data.add_argument("--hf-dataset", help="Hugging Face POPE dataset with images, e.g. lmms-lab/POPE")
+    data.add_argument("--hf-split", default="test")
+    data.add_argument("--hf-category", help="random | popular | adversarial")
+    _add_chair_truth(ev, required=False)
+    data.add_argument("--num-images", type=int, default=500, help="CHAIR: images sampled with --seed")
+    data.add_argument("--prompt", help="CHAIR prompt (default: 'Please describe this image in detail.')")
+    data.add_argument("--limit", type=int, help="only the first N samples")
+    gen = ev.add_argument_group("generation (defaults: each method's paper setting)")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--num-beams", type=int)
+    gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE", help="any generate() setting")
+    ev.add_argument("--rule", default="llava", choices=sorted(PARSERS), help="POPE answer parsing rule")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--output", help="output folder (default: runs/<benchmark>-<model>-<methods>)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(run=run_eval_command)
+
+
+def _add_chair_truth(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--gt", help="CHAIR ground truth JSON (image id -> objects), .json or .json.gz")
+    group.add_argument("--coco-annotations", help="folder with COCO instances_*.json and captions_*.json")
+    parser.add_argument(
+        "--synonyms", help="CHAIR synonym list (default: the COCO list shipped with veridical)"
+    )
+
+
+def _chair(args: argparse.Namespace):
+    from veridical.evals.chair import Chair, ChairVocabulary, GroundTruth
+
+    vocabulary = ChairVocabulary.from_file(args.synonyms)
+    if args.coco_annotations:
+        return Chair(GroundTruth.from_coco(args.coco_annotations, vocabulary), vocabulary)
+    return Chair(GroundTruth.from_json(args.gt), vocabulary)
+
+
+def score_chair(args: argparse.Namespace) -> int:
+    from veridical.evals.chair import read_captions
+
+    captions = read_captions(args.captions, args.image_id_key, args.caption_key)
+    result = _chair(args).score(captions, bootstrap=args.bootstrap, seed=args.seed)
+    if args.details:
+        Path(args.details).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    print_metrics(result.metrics, len(captions), args.json, intervals=result.intervals)
+    return 0
+
+
+def score_pope(args: argparse.Namespace) -> int:
+    from veridical.evals.pope import read_answers, read_questions
+    from veridical.evals.pope import score_pope as score
+
+    result = score(read_questions(args.questions), read_answers(args.answers), rule=args.rule)
+    print_metrics(result.metrics, sum(result.confusion.values()), args.json, extra=result.confusion)
+    return 0
+
+
+def pope_build(args: argparse.Namespace) -> int:
+    from veridical.evals.pope_build import STRATEGIES, build_pope, coco_image_objects, write_questions
+
+    objects = coco_image_objects(args.instances)
+    for strategy in args.strategy or STRATEGIES:
+        questions = build_pope(objects, strategy, num_images=args.num_images, seed=args.seed)
+        path = Path(args.out) / f"{args.prefix}_pope_{strategy}.json"
+        write_questions(questions, path)
+        print(f"{strategy}: {len(questions)} questions -> {path}")
+    return 0
+
+
+def print_metrics(
+    metrics: dict, n: int, as_json: bool, intervals: dict | None = None, extra: dict | None = None
+) -> None:
+    intervals = intervals or {}
+    if as_json:
+        ci = {k: list(v) for k, v in intervals.items()}
+        print(json.dumps({**metrics, "n": n, **(extra or {}), "ci95": ci}))
+        return
+    for name, value in metrics.items():
+        ci = f"  (95% CI {intervals[name][0]:.1f}-{intervals[name][1]:.1f})" if name in intervals else ""
+        print(f"{name:10s} {value:6.1f}{ci}")
+    print(f"{'n':10s} {n:6d}" + (f"  {extra}" if extra else ""))
+
+
+def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from veridical.errors import VeridicalError
+
+    overrides = {
+        k: v
+        for k, v in {
+            "max_new_tokens": args.max_new_tokens,
+            "num_beams": args.num_beams,
+            "do_sample": args.do_sample,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+        }.items()
+        if v is not None
+    }
+    for item in args.gen:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VeridicalError(f"--gen expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _samples(args: argparse.Namespace):
+    from veridical.errors import VeridicalError
+    from veridical.evals import samples as S
+
+    if args.benchmark == "pope":
+        if args.hf_dataset:
+            return S.pope_hf_samples(args.hf_dataset, args.hf_split, args.hf_category), {
+                "hf_dataset": args.hf_dataset,
+                "split": args.hf_split,
+                "category": args.hf_category,
+            }
+        questions = args.questions or (S.shipped_pope_file(args.pope_set) if args.pope_set else None)
+        if not questions or not args.images:
+            raise VeridicalError("POPE needs --images with --questions or --pope-set, or --hf-dataset")
+        return S.pope_samples(questions, args.images), {"questions": str(questions), "images": args.images}
+    if not args.images or not (args.gt or args.coco_annotations):
+        raise VeridicalError("CHAIR needs --images and --gt or --coco-annotations")
+    return None, {
+        "images": args.images,
+        "gt": args.gt,
+        "coco_annotations": args.coco_annotations,
+        "num_images": args.num_images,
+        "prompt": args.prompt or S.CHAIR_PROMPT,
+    }
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from veridical.evals.chair import ChairScorer
+    from veridical.evals.models import load_model
+    from veridical.evals.pope import PopeScorer
+    from veridical.evals.runner import EvalConfig, method_name, resolve_generation, run_eval
+    from veridical.evals.samples import chair_samples
+    from veridical.registry import parse_method_spec, validate_spec
+
+    methods = [parse_method_spec(m) for m in args.method]
+    for spec in methods:
+        validate_spec(spec)
+    samples, data = _samples(args)
+    if args.benchmark == "chair":
+        chair = _chair(args)
+        samples = chair_samples(
+            args.images, list(chair.ground_truth), args.num_images, args.seed, data["prompt"]
+        )
+        scorer = ChairScorer(chair, seed=args.seed)
+    else:
+        scorer = PopeScorer(args.rule)
+        data["rule"] = args.rule
+    if args.limit:
+        samples = samples[: args.limit]
+        data["limit"] = args.limit
+    generation = resolve_generation(args.benchmark, methods, generation_overrides(args))
+    config = EvalConfig(args.benchmark, args.model, methods, data, generation, args.batch_size, args.seed)
+    label = "+".join(method_name(m) for m in methods) or "vanilla"
+    output = args.output or f"runs/{args.benchmark}-{Path(args.model).name}-{label}"
+    print(f"{args.benchmark}: {len(samples)} samples, methods [{label}], generation {generation} -> {output}")
+    model, processor = load_model(args.model, args.dtype, args.device)
+    results = run_eval(config, model, processor, samples, scorer, output, progress=not args.no_progress)
+    if results is not None:
+        metrics = {k: v for k, v in results["metrics"].items() if isinstance(v, float)}
+        print_metrics(metrics, len(samples), as_json=False)
+        print(f"results: {Path(output) / 'results.json'}")
+    return 0
