@@ -79,6 +79,12 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=run_eval_command)
 
+    sweep = sub.add_parser("sweep", help="run a YAML grid of models, benchmarks and method stacks")
+    sweep.add_argument("config", help="sweep YAML, e.g. configs/ablation_vcd.yaml")
+    sweep.add_argument("--output", help="output folder (default: the file's `output` or runs/sweeps/<name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    sweep.set_defaults(run=sweep_command)
+
 
 def _add_chair_truth(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
@@ -229,4 +235,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in results["metrics"].items() if isinstance(v, float)}
         print_metrics(metrics, len(samples), as_json=False)
         print(f"results: {Path(output) / 'results.json'}")
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from veridical.evals.sweep import run_sweep
+
+    run_sweep(args.config, args.output, dry_run=args.dry_run)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+@lru_cache(maxsize=1)  # a sweep runs many cells on one model: load it once
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, object]:
     """``(model, processor)`` from a hub id or a local folder, the processor set to pad on the left."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor

@@ -1,0 +1,84 @@
+import csv
+import json
+
+import pytest
+from test_eval_cli import dataset, model_dir  # noqa: F401  (fixtures)
+
+from veridical.cli import main
+from veridical.evals.sweep import SweepError, load_sweep
+
+
+def write(tmp_path, text):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_into_cells(tmp_path):
+    _, cells = load_sweep(
+        write(
+            tmp_path,
+            """
+models: [m1, m2]
+benchmarks: {pope: {images: x, pope_set: coco/random}}
+methods:
+  - []
+  - {name: vcd, grid: {alpha: [0.5, 1.0], contrast: [noise, blank]}}
+""",
+        )
+    )
+    assert len(cells) == 2 * (1 + 4)
+    assert cells[0].methods == [] and cells[0].name == "m1__pope__vanilla"
+    assert cells[1].methods == [{"name": "vcd", "alpha": 0.5, "contrast": "noise"}]
+    assert len({c.name for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: [m]\nbenchmarks: {pope: {}}\nmethods:\n  - vcd\n  - {name: vcd, alpah: 1}\n", "line 5"),
+        ("models: [m]\nbenchmarks: {pope: {}}\nmethods: [vdc]\n", "unknown method 'vdc'"),
+        ("models: [m]\nbenchmarks: {pope: {imgs: x}}\nmethods: [vcd]\n", "unknown pope option"),
+        ("models: [m]\nbenchmarks: {pope: {}}\nmethod: [vcd]\n", "unknown key"),
+        ("models: [m]\nbenchmarks: {pope: {}\nmethods: [vcd]\n", "invalid YAML at line"),
+        ("models: [m]\nbenchmarks: {vqa: {}}\nmethods: [vcd]\n", "unknown benchmark"),
+    ],
+)
+def test_malformed_sweeps_are_rejected_with_the_line(tmp_path, text, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write(tmp_path, text))
+
+
+def test_sweep_runs_a_2x2_grid_and_skips_finished_cells(model_dir, dataset, tmp_path, capsys):  # noqa: F811
+    config = write(
+        tmp_path,
+        f"""
+name: tiny
+models: ["{model_dir}"]
+benchmarks:
+  pope: {{questions: "{dataset / "pope.json"}", images: "{dataset}", limit: 6}}
+methods:
+  - {{name: vcd, grid: {{alpha: [0.5, 2.0], contrast: [noise, blank]}}}}
+generation: {{max_new_tokens: 2, do_sample: false}}
+batch_size: 3
+""",
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(config), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 4 and all(r["f1"] and r["ms_per_token"] for r in rows)
+    assert (out / "summary.png").stat().st_size > 1000
+    assert "| model | benchmark | methods |" in (out / "summary.md").read_text()
+    results = json.loads(next(out.glob("*alpha=2.0,contrast=blank*/results.json")).read_text())
+    assert results["methods"][0]["alpha"] == 2.0 and results["generation"]["do_sample"] is False
+    capsys.readouterr()
+    assert main(["sweep", str(config), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 4
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        _, cells = load_sweep(path)
+        assert cells, path
