@@ -22,9 +22,17 @@ def objects(vocab, caption):
 
 
 def test_synonyms_plurals_and_irregular_forms(vocab):
-    assert objects(vocab, "Two puppies and three men near the sofas.") == ["dog", "person", "couch"]
+    assert objects(vocab, "Two puppies and three boys near the sofas.") == ["dog", "person", "couch"]
     assert objects(vocab, "A couple of knives, mice and geese.") == ["knife", "mouse", "bird"]
-    assert objects(vocab, "A man skiing and a woman seated.") == ["person", "skis", "person", "chair"]
+    # NLTK tags "seated" as a verb (lemma "seat" -> chair) and "skiing" as a noun (no skis).
+    assert objects(vocab, "A man skiing and a woman seated.") == ["person", "person", "chair"]
+    # WordNet keeps "men" as a lemma of its own, so the reference never counts "men" as persons.
+    assert objects(vocab, "Two men and three women.") == ["person"]
+
+
+def test_other_vocabularies_are_singularised_by_wordnet_rules():
+    world = ChairVocabulary(["saucer", "sock, stocking"])
+    assert world.caption_objects("two saucers and socks .")[1] == ["saucer", "sock"]
 
 
 def test_double_words_and_qualified_animals(vocab):
@@ -113,16 +121,13 @@ def golden(name):
     return {k: round(v, 1) for k, v in result.metrics.items()}
 
 
-@pytest.mark.parametrize("name, expected_len", [("greedy", 96.9), ("beam5", 95.7)])
-def test_golden_caption_length_matches_the_reference(name, expected_len):
-    assert golden(name)["Len"] == expected_len
-
-
-@pytest.mark.xfail(strict=True, reason="NLTK's POS tagger decides a few lemmas; see veridical/evals/text.py")
-@pytest.mark.parametrize("name, expected", [("greedy", (45.0, 12.7, 80.4)), ("beam5", (48.8, 13.9, 80.3))])
+@pytest.mark.parametrize(
+    "name, expected", [("greedy", (45.0, 12.7, 80.4, 96.9)), ("beam5", (48.8, 13.9, 80.3, 95.7))]
+)
 def test_golden_chair_matches_the_reference(name, expected):
+    """OPERA's released LLaVA-1.5-7B captions score as the reference scorer scores them."""
     got = golden(name)
-    assert (got["CHAIRs"], got["CHAIRi"], got["Recall"]) == expected
+    assert (got["CHAIRs"], got["CHAIRi"], got["Recall"], got["Len"]) == expected
 
 
 def test_score_chair_cli_prints_json(capsys):

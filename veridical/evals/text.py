@@ -9,10 +9,11 @@ re-implements the parts that decide CHAIR's numbers:
 - sentence splitting: on lower-cased text Punkt breaks after every ``.``/``?``/``!`` token except
   ellipses, known abbreviations, and numbers or single letters followed by a lower-case word;
 - word tokenisation: the Treebank rules (punctuation, quotes, brackets, clitics such as ``'s``);
-- lemmatisation: only lemmas that can reach the COCO vocabulary matter, so nouns are singularised with
-  WordNet's detachment rules and irregular plurals, accepted only when the result is a vocabulary word,
-  and the verb forms the tagger marks as verbs in captions (``skiing``, ``seated``, ``tied``, ...) are
-  mapped to their verb lemma as WordNet does.
+- lemmatisation: only lemmas that can reach the COCO vocabulary matter. ``data/coco_lemmas.json`` holds
+  WordNet 3.0's noun lemma of every surface form through which WordNet can reach a vocabulary word
+  (generated once by ``scripts/build_chair_lemmas.py``; note WordNet keeps "men" as "men"), and the
+  verb lemma of the -ing/-ed forms NLTK's tagger marks as verbs in captions ("skateboarding", "seated",
+  "tied", "tying"; "skiing" and "snowboarding" are tagged as nouns).
 
 The golden test (OPERA's released LLaVA-1.5 captions) checks that this reproduces the reference's
 CHAIR_s, CHAIR_i, Recall and Len to the published digit.
@@ -20,8 +21,11 @@ CHAIR_s, CHAIR_i, Recall and Len to the published digit.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
+from functools import cache
+from importlib import resources
 
 # -- sentence splitting (Punkt on lower-cased text) -------------------------------------------------
 
@@ -131,9 +135,9 @@ def word_tokenize(text: str) -> list[str]:
     return [tok for sentence in split_sentences(text) for tok in tokenize_sentence(sentence)]
 
 
-# -- lemmatisation restricted to a vocabulary ------------------------------------------------------
+# -- lemmatisation ------------------------------------------------------------------------------
 
-#: WordNet's noun detachment rules (suffix, replacement).
+#: WordNet's noun detachment rules (suffix, replacement), for vocabularies beyond COCO's.
 _NOUN_RULES = (
     ("s", ""),
     ("ses", "s"),
@@ -144,48 +148,38 @@ _NOUN_RULES = (
     ("men", "man"),
     ("ies", "y"),
 )
-#: Irregular plurals from WordNet's noun exception list whose singular names a COCO object.
-_IRREGULAR_PLURALS = {
-    "children": "child",
-    "grandchildren": "grandchild",
-    "mice": "mouse",
-    "knives": "knife",
-    "geese": "goose",
-    "oxen": "ox",
-    "calves": "calf",
-    "thieves": "thief",
-    "women": "woman",
-    "men": "man",
-    "gentlemen": "gentleman",
-    "policemen": "policeman",
-    "servicemen": "serviceman",
-}
-#: Verb forms the reference's tagger marks as verbs in captions, with WordNet's verb lemma.
-VERB_LEMMAS = {
-    "skiing": "ski",
-    "skied": "ski",
-    "snowboarding": "snowboard",
-    "skateboarding": "skateboard",
-    "biking": "bike",
-    "biked": "bike",
-    "seated": "seat",
-    "tied": "tie",
-    "tying": "tie",
-}
+
+
+@cache
+def coco_lemma_table() -> dict:
+    """The lemma table generated from WordNet 3.0 by ``scripts/build_chair_lemmas.py``."""
+    path = resources.files("veridical.evals") / "data" / "coco_lemmas.json"
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 class Lemmatizer:
-    """Lemmas of tokens, exact for every word that can reach ``vocabulary``."""
+    """Lemmas of caption tokens, as NLTK's tagger + WordNet lemmatizer give them for object words.
 
-    def __init__(self, vocabulary: Iterable[str]):
-        self.vocabulary = frozenset(vocabulary)
+    Tokens of the COCO vocabulary's reach come from the WordNet table (so "men" stays "men", as in
+    WordNet, and is no "man"); the verb forms NLTK tags as verbs in captions get their verb lemma.
+    For words of another ``vocabulary`` (e.g. the synthetic world's), WordNet's noun detachment rules
+    are applied and a result is kept when it is a vocabulary word.
+    """
+
+    def __init__(self, vocabulary: Iterable[str] = ()):
+        table = coco_lemma_table()
+        self.nouns: dict[str, str] = table["noun"]
+        self.verbs: dict[str, str] = table["verb"]
+        self.extra_vocabulary = frozenset(vocabulary) - frozenset(table["vocabulary"])
 
     def __call__(self, token: str) -> str:
-        if token in VERB_LEMMAS:
-            return VERB_LEMMAS[token]
-        if token in _IRREGULAR_PLURALS:
-            return _IRREGULAR_PLURALS[token]
-        # WordNet keeps every candidate that is a known lemma and returns the shortest.
-        candidates = [token] + [token[: -len(old)] + new for old, new in _NOUN_RULES if token.endswith(old)]
-        known = [c for c in candidates if c in self.vocabulary]
-        return min(known, key=len) if known else token
+        if token in self.verbs:
+            return self.verbs[token]
+        if token in self.nouns:
+            return self.nouns[token]
+        if self.extra_vocabulary:
+            candidates = [token[: -len(old)] + new for old, new in _NOUN_RULES if token.endswith(old)]
+            known = [c for c in candidates if c in self.extra_vocabulary]
+            if known:
+                return min(known, key=len)
+        return token
