@@ -17,7 +17,7 @@ from veridical.evals.pope import (
     read_questions,
     score_pope,
 )
-from veridical.evals.pope_build import build_pope, question_text
+from veridical.evals.pope_build import build_pope
 
 DATA = Path(__file__).parent / "data" / "pope"
 SHIPPED = Path(str(resources.files("veridical.evals") / "data" / "pope"))
@@ -105,6 +105,7 @@ def test_bad_files_are_named(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(SHIPPED.glob("**/*_pope_*.json")), ids=lambda p: p.stem)
 def test_shipped_question_files_load(path):
+    """Every question file shipped with veridical parses, with balanced labels and an object each."""
     questions = read_questions(path)
     assert {q.label for q in questions} == {"yes", "no"}
     assert all(q.object for q in questions)
@@ -177,21 +178,68 @@ def test_built_sets_are_balanced_and_duplicate_free(strategy):
     assert questions == build_pope(_image_objects(), strategy, num_images=7, positives=3, seed=0)
 
 
-def test_adversarial_negatives_are_the_most_co_occurring_absent_objects():
-    questions = build_pope(_image_objects(), "adversarial", num_images=7, positives=3, seed=0)
+def _negatives(questions):
     by_image = {}
     for q in questions:
-        by_image.setdefault(q["image"], []).append(q)
-    # In image 2 (fork, knife, dog) the first positive is "fork"; among the sampled images "cup"
-    # co-occurs with "fork" most often after "knife", which is present.
-    if "2.jpg" in by_image:
-        assert by_image["2.jpg"][1]["text"] == question_text("cup")
-    popular = build_pope(_image_objects(), "popular", num_images=7, positives=3, seed=0)
-    # The most frequent class absent from image 7 (cup, saucer, cat) is "person" or "dog".
-    first_negative = [q for q in popular if q["image"] == "7.jpg"][1]
-    assert question_object(first_negative["text"]) in {"person", "dog"}
+        by_image.setdefault(q["image"], []).append(question_object(q["text"]))
+    return by_image
+
+
+def test_adversarial_negatives_are_the_most_co_occurring_absent_objects():
+    objects = _image_objects()
+    questions = build_pope(objects, "adversarial", num_images=7, positives=3, seed=0)
+    asked = _negatives(questions)
+    sampled = list(asked)
+    for image, names in asked.items():
+        for k in range(3):
+            positive, negative = names[2 * k], names[2 * k + 1]
+            counts = {
+                o: sum(positive in objects[i] and o in objects[i] for i in sampled)
+                for o in {o for i in sampled for o in objects[i]} - {positive}
+            }
+            allowed = {
+                o: c for o, c in counts.items() if o not in objects[image] and o not in names[: 2 * k + 1]
+            }
+            if allowed and max(allowed.values()) > 0:
+                assert counts[negative] == max(allowed.values()), (image, positive, negative)
+
+
+def test_popular_negatives_are_the_most_frequent_absent_objects():
+    objects = _image_objects()
+    asked = _negatives(build_pope(objects, "popular", num_images=7, positives=3, seed=0))
+    frequency = {o: sum(o in objects[i] for i in asked) for i in asked for o in objects[i]}
+    for image, names in asked.items():
+        for k in range(3):
+            negative = names[2 * k + 1]
+            allowed = [o for o in frequency if o not in objects[image] and o not in names[: 2 * k + 1]]
+            if allowed:
+                assert frequency[negative] == max(frequency[o] for o in allowed)
 
 
 def test_too_few_images_is_an_error():
     with pytest.raises(DataFileError, match="only"):
         build_pope(_image_objects(), "random", num_images=20)
+
+
+def test_pope_from_a_hugging_face_dataset_with_images(tmp_path):
+    """The lmms-lab/POPE layout (question, answer, category, image), loaded offline from local files."""
+    from datasets import Dataset
+    from PIL import Image
+
+    from veridical.evals.samples import pope_hf_samples
+
+    image = Image.new("RGB", (8, 8), (200, 10, 10))
+    Dataset.from_dict(
+        {
+            "question_id": ["1", "2", "3"],
+            "question": ["Is there a dog in the image?"] * 3,
+            "answer": ["yes", "no", "Yes"],
+            "category": ["random", "adversarial", "random"],
+            "image_source": ["a", "b", "c"],
+            "image": [image] * 3,
+        }
+    ).to_parquet(tmp_path / "test.parquet")
+    samples = pope_hf_samples(str(tmp_path), split="test", category="random")
+    assert [s.sample_id for s in samples] == ["q1", "q3"]
+    assert [s.meta["label"] for s in samples] == ["yes", "yes"]
+    assert samples[0].load_image().size == (8, 8)

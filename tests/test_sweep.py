@@ -2,7 +2,6 @@ import csv
 import json
 
 import pytest
-from test_eval_cli import dataset, model_dir  # noqa: F401  (fixtures)
 
 from veridical.cli import main
 from veridical.evals.sweep import SweepError, load_sweep
@@ -49,7 +48,7 @@ def test_malformed_sweeps_are_rejected_with_the_line(tmp_path, text, message):
         load_sweep(write(tmp_path, text))
 
 
-def test_sweep_runs_a_2x2_grid_and_skips_finished_cells(model_dir, dataset, tmp_path, capsys):  # noqa: F811
+def test_sweep_runs_a_2x2_grid_and_skips_finished_cells(model_dir, dataset, tmp_path, capsys):
     config = write(
         tmp_path,
         f"""
