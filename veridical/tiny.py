@@ -78,6 +78,18 @@ def _finish(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> torch.nn.Mo
     return model.eval()
 
 
+#: CLIP vision tower of the tiny LLaVA models: 30 px images, 6 px patches -> 25 image tokens.
+_CLIP_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=30,
+    patch_size=6,
+)
+_LLAVA_PROCESSOR = dict(patch_size=6, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
 #: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:") as a chat template.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
@@ -93,15 +105,7 @@ def tiny_llava(seed: int = 0):
 
     tok = word_tokenizer(_IMAGE_TOKENS["llava"], image_token="<image>")
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=30,
-            patch_size=6,
-        ),
+        vision_config=dict(_CLIP_VISION),
         text_config=dict(model_type="llama", **_text_config(len(tok))),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
@@ -111,12 +115,7 @@ def tiny_llava(seed: int = 0):
     model = LlavaForConditionalGeneration(config)
     ip = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
     proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=6,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_processor=ip, tokenizer=tok, chat_template=LLAVA_CHAT_TEMPLATE, **_LLAVA_PROCESSOR
     )
     return _finish(model, tok), proc
 
@@ -132,15 +131,7 @@ def tiny_llava_next(seed: int = 0):
     tok = word_tokenizer(_IMAGE_TOKENS["llava_next"], image_token="<image>")
     pinpoints = [[30, 60], [60, 30], [60, 60]]
     config = LlavaNextConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=30,
-            patch_size=6,
-        ),
+        vision_config=dict(_CLIP_VISION),
         text_config=dict(model_type="llama", **_text_config(len(tok))),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
@@ -152,13 +143,7 @@ def tiny_llava_next(seed: int = 0):
     ip = LlavaNextImageProcessorPil(
         size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}, image_grid_pinpoints=pinpoints
     )
-    proc = LlavaNextProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=6,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, **_LLAVA_PROCESSOR)
     return _finish(model, tok), proc
 
 
