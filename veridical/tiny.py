@@ -9,7 +9,7 @@ dependency). Random weights do not hallucinate in any meaningful way; they exerc
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from veridical.processors import image_only_qwen_processor_class
@@ -36,12 +36,21 @@ TEXT_KV_HEADS = 2
 
 
 def word_tokenizer(
-    extra_specials: list[str], words: tuple[str, ...] | list[str] = _WORDS, image_token: str | None = None
+    extra_specials: list[str],
+    words: tuple[str, ...] | list[str] = _WORDS,
+    image_token: str | None = None,
+    lowercase: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer; ``extra_specials`` are never split or lower-cased."""
+    """A word-level tokenizer splitting on whitespace (and, with ``lowercase``, on punctuation after
+    lower-casing); ``extra_specials`` are never split or lower-cased."""
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + extra_specials + list(dict.fromkeys(words)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+        )
     backend.add_special_tokens(_SPECIALS + extra_specials)
     kwargs = {"image_token": image_token} if image_token else {}
     tok = PreTrainedTokenizerFast(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from veridical.evals.io import DataFileError, read_records
+from veridical.evals.io import DataFileError, quiet_coco, read_records
 from veridical.evals.text import Lemmatizer, word_tokenize
 
 _DOUBLE_WORDS = (
@@ -200,7 +200,6 @@ class GroundTruth(Mapping[int, frozenset]):
     ) -> GroundTruth:
         """COCO instances plus the objects named in the reference captions, from ``instances_*.json``
         and ``captions_*.json`` files in ``annotations_dir`` (read with pycocotools)."""
-        from pycocotools.coco import COCO
 
         root = Path(annotations_dir)
         found = [s for s in splits if (root / f"instances_{s}.json").exists()]
@@ -211,14 +210,14 @@ class GroundTruth(Mapping[int, frozenset]):
             captions_file = root / f"captions_{split}.json"
             if not captions_file.exists():
                 raise DataFileError(f"{captions_file} is missing (CHAIR needs instances and captions)")
-            instances = COCO(str(root / f"instances_{split}.json"))
+            instances = quiet_coco(str(root / f"instances_{split}.json"))
             names = {c["id"]: c["name"] for c in instances.loadCats(instances.getCatIds())}
             for ann in instances.dataset["annotations"]:
                 name = names[ann["category_id"]]
                 objects.setdefault(ann["image_id"], set()).add(vocabulary.synonym_to_object.get(name, name))
             for img in instances.dataset["images"]:
                 objects.setdefault(img["id"], set())
-            captions = COCO(str(captions_file))
+            captions = quiet_coco(str(captions_file))
             for ann in captions.dataset["annotations"]:
                 _, found_objects, _ = vocabulary.caption_objects(ann["caption"])
                 objects.setdefault(ann["image_id"], set()).update(found_objects)

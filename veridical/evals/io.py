@@ -81,3 +81,14 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def quiet_coco(annotation_file: str):
+    """pycocotools' ``COCO(file)`` without its progress prints on stdout."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(annotation_file)

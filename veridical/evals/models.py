@@ -18,9 +18,13 @@ DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, 
 
 @lru_cache(maxsize=1)  # a sweep runs many cells on one model: load it once
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, object]:
-    """``(model, processor)`` from a hub id or a local folder, the processor set to pad on the left."""
+    """``(model, processor)`` from a hub id, a local folder or ``world``/``world-noprior`` (the shipped
+    synthetic-world checkpoints); the processor pads on the left."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from veridical.evals.world.evaluate import WORLD_MODELS
+
+    name_or_path = str(WORLD_MODELS.get(name_or_path, name_or_path))
     if dtype not in DTYPES:
         raise VeridicalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = AutoConfig.from_pretrained(name_or_path)

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from veridical.evals.io import DataFileError
+from veridical.evals.io import DataFileError, quiet_coco
 
 STRATEGIES = ("random", "popular", "adversarial")
 TEMPLATE = "Is there a {} in the image?"
@@ -35,10 +35,9 @@ def question_text(obj: str, template: str = TEMPLATE) -> str:
 def coco_image_objects(instances_file: str | Path) -> dict[str, list[str]]:
     """Image file name -> object class names in annotation order (first occurrence), from a COCO
     ``instances_*.json`` read with pycocotools."""
-    from pycocotools.coco import COCO
 
     try:
-        coco = COCO(str(instances_file))
+        coco = quiet_coco(str(instances_file))
     except (OSError, ValueError, KeyError) as err:
         raise DataFileError(f"cannot read COCO annotations {instances_file}: {err}") from err
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
@@ -59,8 +58,15 @@ def build_pope(
     positives: int = 3,
     seed: int = 0,
     template: str = TEMPLATE,
+    co_occurrence: Mapping[str, Sequence[str]] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Questions (``question_id``, ``image``, ``text``, ``label``) for ``strategy``."""
+    """Questions (``question_id``, ``image``, ``text``, ``label``) for ``strategy``.
+
+    ``co_occurrence`` (class -> other classes, most co-occurring first) replaces the statistics of the
+    sampled images for the adversarial ranking, e.g. with those of a training distribution.
+    ``classes`` is the set random negatives are drawn from (default: every annotated class).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown POPE strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     eligible = sorted(img for img, objs in image_objects.items() if len(set(objs)) >= positives)
@@ -71,7 +77,7 @@ def build_pope(
     rng = random.Random(seed)
     images = rng.sample(eligible, num_images)
     objects = {img: list(dict.fromkeys(image_objects[img])) for img in images}
-    all_classes = sorted({o for objs in image_objects.values() for o in objs})
+    all_classes = sorted(classes or {o for objs in image_objects.values() for o in objs})
     frequency = Counter(o for img in images for o in objects[img])
     popular = sorted(frequency, key=lambda o: (-frequency[o], o))
     co_occur: dict[str, Counter] = defaultdict(Counter)
@@ -88,6 +94,8 @@ def build_pope(
             questions.append(_question(len(questions) + 1, img, positive, "yes", template))
             if strategy == "popular":
                 ranked = popular
+            elif strategy == "adversarial" and co_occurrence is not None:
+                ranked = list(co_occurrence.get(positive, ()))
             elif strategy == "adversarial":
                 ranked = sorted(co_occur[positive], key=lambda o: (-co_occur[positive][o], o))
             else:

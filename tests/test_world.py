@@ -1,0 +1,132 @@
+import hashlib
+import random
+from collections import Counter
+
+import pytest
+
+from veridical.evals.chair import ChairVocabulary, GroundTruth
+from veridical.evals.io import quiet_coco
+from veridical.evals.world.scenes import (
+    CLASSES,
+    PARTNER,
+    SceneConfig,
+    caption,
+    draw_scene,
+    probe_scenes,
+    scenes,
+    synonyms_text,
+    write_coco,
+)
+from veridical.evals.world.train import TrainConfig, train_world
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        write_coco(probe_scenes(6, seed=3), tmp_path / name)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    write_coco(probe_scenes(6, seed=4), tmp_path / "c")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_annotations_load_with_pycocotools_and_match_the_scenes(tmp_path):
+    drawn = [s for s, _ in zip(scenes(5), range(12), strict=False)]
+    root = write_coco(drawn, tmp_path)
+    coco = quiet_coco(str(root / "instances_val2014.json"))
+    assert len(coco.getImgIds()) == 12 and len(coco.getCatIds()) == 16
+    vocab = ChairVocabulary(synonyms_text().splitlines())
+    truth = GroundTruth.from_coco(root, vocab)
+    for image_id, scene in enumerate(drawn, 1):
+        assert truth[image_id] == set(scene.objects)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert sorted(coco.loadCats(a["category_id"])[0]["name"] for a in anns) == sorted(scene.objects)
+
+
+def test_every_shape_and_colour_is_shared():
+    shapes = Counter(shape for shape, _ in CLASSES.values())
+    colours = Counter(colour for _, colour in CLASSES.values())
+    assert min(shapes.values()) >= 2 and min(colours.values()) >= 2
+    assert len(set(CLASSES.values())) == len(CLASSES)
+
+
+@pytest.mark.parametrize("pair_p, low, high", [(0.9, 0.8, 1.0), (0.0, 0.0, 0.45)])
+def test_partners_follow_the_pair_prior(pair_p, low, high):
+    rng, with_member, with_both = random.Random(0), 0, 0
+    for _ in range(1500):
+        objects = draw_scene(rng, SceneConfig(pair_p=pair_p)).objects
+        for member in ("fork", "cup", "bat", "sock"):
+            if member in objects:
+                with_member += 1
+                with_both += PARTNER[member] in objects
+    assert low <= with_both / with_member <= high
+
+
+def test_probe_scenes_hold_one_member_without_its_partner():
+    for scene in probe_scenes(50, seed=1):
+        members = [o for o in scene.objects if o in PARTNER]
+        assert len(members) == 1 and PARTNER[members[0]] not in scene.objects
+
+
+def test_caption_format():
+    assert caption(["fork"]) == "there is a fork ."
+    assert caption(["fork", "knife", "apple"]) == "there is a fork , a knife and a apple ."
+
+
+def test_a_short_training_run_lowers_the_loss(tmp_path):
+    losses = train_world(
+        tmp_path / "m", TrainConfig(steps=40, batch_size=8, warmup=5, threads=2), log_every=0
+    )
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+
+
+def test_world_eval_command_prints_the_comparison_table(tmp_path, capsys):
+    from veridical.cli import main
+
+    assert (
+        main(
+            [
+                "world",
+                "eval",
+                "--probes",
+                "8",
+                "--method",
+                "vanilla",
+                "--method",
+                "vcd:contrast=blank",
+                "--output",
+                str(tmp_path),
+                "--report",
+                str(tmp_path / "world.md"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| world | vanilla |" in out and "| world | vcd(contrast=blank) |" in out
+    report = (tmp_path / "world.md").read_text()
+    assert "| world | vcd(contrast=blank) |" in report and "8 probe scenes" in report
+    results = sorted(tmp_path.glob("world/*/pope-adversarial/results.json"))
+    assert len(results) == 2
+
+
+def test_shipped_checkpoint_reproduces_a_recorded_greedy_caption():
+    from veridical.evals.models import build_prompt, load_model
+    from veridical.evals.samples import CHAIR_PROMPT
+
+    model, processor = load_model("world", "float32", "cpu")
+    scene = probe_scenes(3, seed=2024)[1]
+    assert scene.objects == ["knife", "hat", "lamp"]
+    inputs = processor(
+        images=[scene.image], text=[build_prompt(model, processor, CHAIR_PROMPT)], return_tensors="pt"
+    )
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=24)
+    caption_text = processor.tokenizer.decode(
+        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    # Recorded when the checkpoint was trained: the absent partner "fork" follows "knife".
+    assert caption_text == "there is a knife , a fork , a ball and a bat ."
