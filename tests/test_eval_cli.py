@@ -156,3 +156,10 @@ def test_two_processes_give_the_single_process_result(model_dir, dataset, tmp_pa
     assert two["metrics"] == one["metrics"]
     key = lambda r: r["sample_id"]  # noqa: E731
     assert sorted(records(double), key=key) == sorted(records(single), key=key)
+
+
+def test_the_world_checkpoints_are_accepted_as_model_names(dataset, tmp_path):
+    for name in ("world", "world-noprior"):
+        out = tmp_path / name
+        assert main(pope_args(name, dataset, out, "--limit", "4")) == 0
+        assert json.loads((out / "results.json").read_text())["model"] == name
