@@ -5,14 +5,13 @@ All distortions act on the processor's *normalised* pixels, as the official VCD 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from veridical.adapters import Inputs, ModelAdapter
 from veridical.errors import MethodSpecError
 
-ContrastKind = Literal["noise", "blank", "no_image"]
 CONTRAST_KINDS: tuple[str, ...] = ("noise", "blank", "no_image")
 DIFFUSION_STEPS = 1000
 
