@@ -65,6 +65,18 @@ def method_name(spec: Any) -> str:
     return getattr(type(spec), "method_name", type(spec).__name__)
 
 
+def stack_label(methods: Sequence[Any]) -> str:
+    """A readable name of a method stack: ``vanilla``, ``vcd``, ``var+vcd(alpha=2.0,contrast=blank)``."""
+    parts = []
+    for spec in methods:
+        if isinstance(spec, dict):
+            params = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+            parts.append(f"{spec['name']}({params})" if params else spec["name"])
+        else:
+            parts.append(method_name(spec))
+    return "+".join(parts) or "vanilla"
+
+
 def resolve_generation(benchmark: str, methods: Sequence[Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Generation settings: the user's overrides, else the first method's paper setting, else greedy."""
     settings: dict[str, Any] = {"do_sample": False, **BENCHMARK_GENERATION[benchmark]}
@@ -121,14 +133,14 @@ def run_eval(
     state.wait_for_everyone()
 
     my_file = out / f"samples.rank{state.process_index}.jsonl"
-    done = {r["sample_id"] for r in _all_records(out, repair=my_file)}
+    done = {r["sample_id"] for r in read_run_records(out, repair=my_file)}
     todo = [(i, s) for i, s in enumerate(samples) if s.sample_id not in done]
     with state.split_between_processes(todo) as mine:
         stats = _generate(config, model, processor, mine, scorer, my_file, progress and state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    records = {r["sample_id"]: r for r in _all_records(out)}
+    records = {r["sample_id"]: r for r in read_run_records(out)}
     missing = [s.sample_id for s in samples if s.sample_id not in records]
     if missing:
         raise DataFileError(f"{len(missing)} samples have no record after the run, e.g. {missing[:3]}")
@@ -151,7 +163,8 @@ def run_eval(
     return results
 
 
-def _all_records(out: Path, repair: Path | None = None) -> list[dict[str, Any]]:
+def read_run_records(out: Path, repair: Path | None = None) -> list[dict[str, Any]]:
+    """Every finished sample record of the run in ``out``, all ranks."""
     records = []
     for path in sorted(out.glob("samples.rank*.jsonl")):
         records.extend(read_jsonl_resilient(path, repair=path == repair))

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from veridical.errors import MethodSpecError, VeridicalError
+from veridical.evals.runner import stack_label
 
 TOP_KEYS = {
     "name",
@@ -179,15 +180,7 @@ def _expand_one(item: Any) -> list[Any]:
 
 
 def _cell_name(model: str, bench: str, stack: Sequence[Any]) -> str:
-    parts = []
-    for spec in stack:
-        if isinstance(spec, str):
-            parts.append(spec)
-        else:
-            params = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-            parts.append(f"{spec['name']}({params})" if params else spec["name"])
-    methods = "+".join(parts) or "vanilla"
-    return f"{Path(model).name}__{bench}__{methods}".replace("/", "_").replace(" ", "")
+    return f"{Path(model).name}__{bench}__{stack_label(stack)}".replace("/", "_").replace(" ", "")
 
 
 def cell_argv(settings: dict[str, Any], cell: Cell, output: Path) -> list[str]:
@@ -235,7 +228,7 @@ def _row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
         "cell": cell.name,
         "model": cell.model,
         "benchmark": cell.benchmark,
-        "methods": _cell_name("", "", cell.methods).split("__")[-1],
+        "methods": stack_label(cell.methods).replace(" ", ""),
     }
     results_file = cell_dir / "results.json"
     if results_file.exists():

@@ -18,7 +18,7 @@ from typing import Any
 from veridical.evals.chair import Chair, ChairScorer, ChairVocabulary, GroundTruth
 from veridical.evals.pope import PopeScorer
 from veridical.evals.pope_build import STRATEGIES, build_pope, write_questions
-from veridical.evals.runner import EvalConfig, method_name, run_eval
+from veridical.evals.runner import EvalConfig, read_run_records, run_eval, stack_label
 from veridical.evals.samples import CHAIR_PROMPT, chair_samples, pope_samples
 from veridical.evals.world.scenes import (
     CLASSES,
@@ -130,7 +130,7 @@ def evaluate_world(
     chair = Chair(GroundTruth.from_coco(data / "probe", vocabulary), vocabulary)
     rows = []
     for stack in methods:
-        label = "+".join(_label(m) for m in stack) or "vanilla"
+        label = stack_label(stack)
         out = root / Path(model_name).name / label
         metrics: dict[str, float] = {}
         samples = chair_samples(data / "probe", list(chair.ground_truth), probes, seed, CHAIR_PROMPT)
@@ -147,12 +147,7 @@ def evaluate_world(
             config, model, processor, samples, ChairScorer(chair, bootstrap=0), out / "chair", progress
         )
         metrics.update({k: results["metrics"][k] for k in ("CHAIRs", "CHAIRi", "Recall")})
-        records = [
-            json.loads(line)
-            for p in sorted((out / "chair").glob("samples.rank*.jsonl"))
-            for line in p.read_text().splitlines()
-        ]
-        metrics.update(partner_rates(records, chair.ground_truth))
+        metrics.update(partner_rates(read_run_records(out / "chair"), chair.ground_truth))
         for strategy in STRATEGIES:
             samples = pope_samples(data / f"world_pope_{strategy}.json", data / "pope")
             config = EvalConfig(
@@ -171,13 +166,6 @@ def evaluate_world(
             metrics[f"pope_{strategy}_f1"] = results["metrics"]["f1"]
         rows.append(WorldRow(model_name, label, metrics))
     return rows
-
-
-def _label(spec: Any) -> str:
-    if isinstance(spec, dict):
-        params = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-        return f"{spec['name']}({params})" if params else spec["name"]
-    return method_name(spec)
 
 
 COLUMNS = (
