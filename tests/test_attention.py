@@ -23,7 +23,7 @@ class Recording(AttentionHook):
         self.layers = layers
         self.seen: list[tuple[int, torch.Tensor]] = []
 
-    def edit_weights(self, module, weights):
+    def edit_weights(self, module, weights, context):
         self.seen.append((module.layer_idx, weights.clone()))
         return weights
 
@@ -32,7 +32,7 @@ class ScaleWeights(AttentionHook):
     def __init__(self, layer: int, factor: float):
         self.layers, self.factor = {layer}, factor
 
-    def edit_weights(self, module, weights):
+    def edit_weights(self, module, weights, context):
         return weights * self.factor
 
 
@@ -42,7 +42,7 @@ class ZeroHeadOutput(AttentionHook):
     def __init__(self, layer: int, head: int):
         self.layers, self.head = {layer}, head
 
-    def edit_outputs(self, module, outputs):
+    def edit_outputs(self, module, outputs, context):
         outputs = outputs.clone()
         outputs[:, :, self.head] = 0
         return outputs
@@ -154,3 +154,54 @@ def test_hook_layers_out_of_range_are_rejected(tiny_models):
         with intercept_attention(model, ScaleWeights(layer=99, factor=1.0)):
             pass
     assert model.config.text_config._attn_implementation != ATTENTION_NAME
+
+
+class RecordContext(AttentionHook):
+    layers = [0]
+
+    def __init__(self):
+        self.seen = []
+
+    def edit_weights(self, module, weights, context):
+        keys = weights.shape[-1]
+        self.seen.append((context.past, context.rows, context.image_keys(keys).sum(-1).tolist(), keys))
+        return weights
+
+
+def test_context_tracks_image_positions_per_sequence(model_and_inputs):
+    """Main rows see their image tokens at every step; an image-free contrast branch sees none."""
+    import veridical
+
+    model, _, inputs = model_and_inputs
+    counts = get_adapter(model).image_mask(inputs["input_ids"]).sum(-1).tolist()
+    prompt_len = inputs["input_ids"].shape[1]
+    hook = RecordContext()
+    with intercept_attention(model, hook):
+        veridical.generate(
+            model,
+            inputs,
+            methods=[{"name": "vcd", "contrast": "no_image"}],
+            max_new_tokens=3,
+            num_beams=2,
+            do_sample=False,
+        )
+    beams = [c for c in counts for _ in range(2)]
+    main = [s for s in hook.seen if s[2] == beams]
+    branch = [s for s in hook.seen if not any(s[2])]
+    assert [s[0] for s in main] == [0, prompt_len, prompt_len + 1]
+    assert [s[3] for s in main] == [prompt_len, prompt_len + 1, prompt_len + 2]
+    assert len(branch) == 3 and branch[0][0] == 0 and branch[1][0] > 0
+    assert len(main) + len(branch) == len(hook.seen)
+
+
+def test_all_torch_hooks_removed_after_interception(model_and_inputs):
+    model, _, inputs = model_and_inputs
+    adapter = get_adapter(model)
+    before = (len(adapter.text_model._forward_pre_hooks), len(adapter.embed_tokens._forward_pre_hooks))
+    with pytest.raises(RuntimeError):
+        with intercept_attention(model, RecordContext()):
+            logits(model, inputs)
+            raise RuntimeError("boom")
+    after = (len(adapter.text_model._forward_pre_hooks), len(adapter.embed_tokens._forward_pre_hooks))
+    assert before == after
+    assert not hasattr(adapter.attention_modules[0], "_veridical_hooks")

@@ -23,7 +23,7 @@ class CountCalls(LogitsProcessor):
 class _HalveLayer0(AttentionHook):
     layers = {0}
 
-    def edit_weights(self, module, weights):
+    def edit_weights(self, module, weights, context):
         return weights * 0.5
 
 

@@ -1,6 +1,6 @@
 """veridical: training-free hallucination mitigation for vision-language models."""
 
-from veridical import decoders  # noqa: F401  (registers the decoders)
+from veridical import decoders, heads  # noqa: F401  (registers the methods)
 from veridical.adapters import SUPPORTED_FAMILIES, ModelAdapter, get_adapter
 from veridical.errors import InputError, MethodSpecError, UnsupportedModelError, VeridicalError
 from veridical.generation import generate

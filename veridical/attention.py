@@ -9,7 +9,15 @@ runs sdpa; in a layer that does, it runs eager attention and lets the hooks edit
 - the pre-softmax scores (after the causal/padding mask is added),
 - the post-softmax probabilities ``(batch, heads, queries, keys)``,
 - the per-head outputs ``(batch, queries, heads, head_dim)`` before ``o_proj`` (in every hooked layer,
-  sdpa ones included).
+  sdpa ones included),
+
+and observe the residual stream entering a layer (:meth:`AttentionHook.observe_layer_input`).
+
+Every edit receives a :class:`ForwardContext`: which key columns hold image tokens, which are padding,
+how many positions were cached before this forward, and a per-sequence store where a method keeps
+what it decided at prefill (VAR's sinks, ACT's sink columns). The context is tracked per KV cache, so a
+contrast branch that runs the same model on another prompt (VCD's image-free prompt, say) gets its
+own image positions and its own store.
 
 Hooks live on the attention modules of one model, so two models in one process never see each
 other's hooks. Attaching and detaching is not thread-safe for one model: do not run two
@@ -18,8 +26,11 @@ other's hooks. Attaching and detaching is not thread-safe for one model: do not 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,30 +39,90 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from veridical.adapters import get_adapter
+from veridical.errors import InputError
 
 ATTENTION_NAME = "veridical"
 _HOOKS = "_veridical_hooks"
 _STATE = "_veridical_attention_state"
 
 
+def expand_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` (first dim = prompts) repeated for ``rows`` rows, as generate expands beams."""
+    if tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] == 0 or rows % tensor.shape[0]:
+        raise InputError(
+            f"a method was built for {tensor.shape[0]} prompt(s) but the model ran {rows} row(s); "
+            "build the method with the inputs you pass to generate()"
+        )
+    return tensor.repeat_interleave(rows // tensor.shape[0], dim=0)
+
+
+@dataclass
+class SequenceState:
+    """What is known about one sequence (one KV cache) across its forwards."""
+
+    #: ``(rows, prompt_len)``: prompt positions that hold image features.
+    image_mask: torch.Tensor
+    #: Per-method data decided at prefill, keyed by the hook object.
+    store: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ForwardContext:
+    """One forward pass of the text decoder, as seen by the hooks."""
+
+    sequence: SequenceState
+    #: Positions already in the KV cache before this forward (0 at prefill).
+    past: int
+    #: Rows of this forward (prompts x beams).
+    rows: int
+    #: ``(rows, keys)`` or ``None``: key columns that are real tokens (not padding).
+    valid_keys: torch.Tensor | None
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.past == 0
+
+    def image_keys(self, keys: int) -> torch.Tensor:
+        """``(rows, keys)`` boolean: key columns that hold image tokens (generated tokens never do)."""
+        mask = expand_rows(self.sequence.image_mask, self.rows)
+        if mask.shape[1] >= keys:
+            return mask[:, :keys]
+        return torch.cat([mask, mask.new_zeros(self.rows, keys - mask.shape[1])], dim=1)
+
+    def query_positions(self, queries: int, device: torch.device) -> torch.Tensor:
+        """Column index of each query of this forward."""
+        return torch.arange(self.past, self.past + queries, device=device)
+
+    def per_row(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A per-prompt tensor expanded to this forward's rows."""
+        return expand_rows(tensor, self.rows)
+
+
 class AttentionHook:
     """One method's edits of attention. Override the ``edit_*`` methods you need.
 
     ``layers`` limits the hook to those text-decoder layer indices (``None``: all). Set
-    ``needs_weights = False`` when only :meth:`edit_outputs` is used, so those layers keep sdpa.
+    ``needs_weights = False`` when only :meth:`edit_outputs` is used, so those layers keep sdpa, and
+    ``observes_layer_inputs = True`` to receive :meth:`observe_layer_input` calls.
     """
 
     layers: Collection[int] | None = None
     needs_weights: bool = True
+    observes_layer_inputs: bool = False
 
-    def edit_logits(self, module: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    def edit_logits(self, module: nn.Module, logits: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         return logits
 
-    def edit_weights(self, module: nn.Module, weights: torch.Tensor) -> torch.Tensor:
+    def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         return weights
 
-    def edit_outputs(self, module: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
+    def edit_outputs(self, module: nn.Module, outputs: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         return outputs
+
+    def observe_layer_input(self, layer_idx: int, hidden: torch.Tensor, context: ForwardContext) -> None:
+        """The residual stream ``(rows, queries, hidden)`` entering decoder layer ``layer_idx``."""
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -69,6 +140,7 @@ def eager_attention(
     scaling: float,
     dropout: float = 0.0,
     hooks: Collection[AttentionHook] = (),
+    context: ForwardContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention with hook points; softmax in float32 as the reference does."""
     groups = getattr(module, "num_key_value_groups", 1)
@@ -77,10 +149,10 @@ def eager_attention(
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, : key.shape[-2]]
     for hook in hooks:
-        logits = hook.edit_logits(module, logits)
+        logits = hook.edit_logits(module, logits, context)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
     for hook in hooks:
-        weights = hook.edit_weights(module, weights)
+        weights = hook.edit_weights(module, weights, context)
     weights = weights.to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     outputs = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -99,19 +171,20 @@ def veridical_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The registered ``"veridical"`` attention kernel (see the module docstring)."""
     hooks = getattr(module, _HOOKS, ())
+    context = _current_context(module) if hooks else None
     weight_hooks = [h for h in hooks if h.needs_weights]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if weight_hooks or kwargs.get("output_attentions"):
         outputs, weights = eager_attention(
-            module, query, key, value, attention_mask, scaling, dropout, weight_hooks
+            module, query, key, value, attention_mask, scaling, dropout, weight_hooks, context
         )
     else:
         outputs, weights = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     for hook in hooks:
-        outputs = hook.edit_outputs(module, outputs)
+        outputs = hook.edit_outputs(module, outputs, context)
     return outputs, weights
 
 
@@ -121,11 +194,70 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)
 
 
 class _InterceptionState:
-    """Per-model bookkeeping: the implementation to restore and how many hooks are attached."""
+    """Per-model bookkeeping: what to restore, the torch hooks, and the sequence being run."""
 
-    def __init__(self, original: str | None):
+    def __init__(self, model: nn.Module, original: str | None):
+        self.model = model
         self.original = original
         self.active = 0
+        self.handles: list[Any] = []
+        self.pending_ids: torch.Tensor | None = None
+        self.current: ForwardContext | None = None
+        self.sequences: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- torch hooks that track which sequence each forward belongs to --------------------------
+    def on_embed(self, module: nn.Module, args: tuple) -> None:
+        # The only place where every family's text decoder input ids are visible: the multimodal
+        # wrappers embed the ids (image placeholders included) before passing embeddings on.
+        if args and torch.is_tensor(args[0]) and args[0].dim() == 2:
+            self.pending_ids = args[0]
+
+    def on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            input_ids = self.pending_ids
+        self.pending_ids = None
+        # InstructBLIP embeds the prompts before generate() expands them into beams: count rows on
+        # the embeddings the decoder actually runs.
+        new = kwargs.get("inputs_embeds")
+        if new is None:
+            new = input_ids
+        rows, length = int(new.shape[0]), int(new.shape[1])
+        sequence = self.sequences.get(cache) if (cache is not None and past > 0) else None
+        if sequence is None:
+            if input_ids is not None and past == 0:
+                image_mask = get_adapter(self.model).image_mask(input_ids)
+            else:  # embeddings passed in directly, or a cache built outside: no known image tokens
+                image_mask = torch.zeros(rows, past + length, dtype=torch.bool, device=new.device)
+            sequence = SequenceState(image_mask=image_mask)
+        mask = kwargs.get("attention_mask")
+        valid = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+        self.current = ForwardContext(sequence=sequence, past=past, rows=rows, valid_keys=valid)
+
+    def on_text_model_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if cache is not None and self.current is not None:
+            self.sequences[cache] = self.current.sequence
+        self.current = None
+
+    def on_layer(self, layer_idx: int, hooks: tuple[AttentionHook, ...]):
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for hook in hooks:
+                hook.observe_layer_input(layer_idx, hidden, self.current)
+
+        return pre_hook
+
+
+def _current_context(module: nn.Module) -> ForwardContext:
+    state: _InterceptionState = getattr(module, _STATE)
+    if state.current is None:
+        raise RuntimeError("attention ran outside a tracked text-decoder forward")
+    return state.current
 
 
 @contextmanager
@@ -134,7 +266,7 @@ def intercept_attention(model: nn.Module, *hooks: AttentionHook) -> Iterator[Non
 
     Nested and stacked uses compose: hooks run in the order they were attached. When the last hook
     is removed (also after an exception) the text decoder's original attention implementation is
-    restored, so the model computes bit-identically to one never touched.
+    restored and every torch hook removed, so the model computes bit-identically to one never touched.
     """
     adapter = get_adapter(model)
     modules = adapter.attention_modules
@@ -145,26 +277,44 @@ def intercept_attention(model: nn.Module, *hooks: AttentionHook) -> Iterator[Non
                 raise ValueError(f"{type(hook).__name__} asks for layers {bad}; the model has {len(modules)}")
     state: _InterceptionState | None = getattr(model, _STATE, None)
     if state is None:
-        state = _InterceptionState(adapter.text_config._attn_implementation)
+        state = _InterceptionState(model, adapter.text_config._attn_implementation)
         model.set_attn_implementation({"text_config": ATTENTION_NAME})
+        state.handles = [
+            adapter.embed_tokens.register_forward_pre_hook(state.on_embed),
+            adapter.text_model.register_forward_pre_hook(state.on_text_model, with_kwargs=True),
+            adapter.text_model.register_forward_hook(state.on_text_model_done, with_kwargs=True),
+        ]
         setattr(model, _STATE, state)
     state.active += 1
     attached: list[tuple[nn.Module, AttentionHook]] = []
+    layer_handles = []
     try:
         for hook in hooks:
             for idx, module in enumerate(modules):
                 if hook.layers is None or idx in hook.layers:
                     setattr(module, _HOOKS, (*getattr(module, _HOOKS, ()), hook))
+                    setattr(module, _STATE, state)
                     attached.append((module, hook))
+                    if hook.observes_layer_inputs:
+                        layer_handles.append(
+                            adapter.layers[idx].register_forward_pre_hook(
+                                state.on_layer(idx, (hook,)), with_kwargs=True
+                            )
+                        )
         yield
     finally:
+        for handle in layer_handles:
+            handle.remove()
         for module, hook in attached:
             remaining = tuple(h for h in getattr(module, _HOOKS) if h is not hook)
             if remaining:
                 setattr(module, _HOOKS, remaining)
             else:
                 delattr(module, _HOOKS)
+                delattr(module, _STATE)
         state.active -= 1
         if state.active == 0:
+            for handle in state.handles:
+                handle.remove()
             model.set_attn_implementation({"text_config": state.original})
             delattr(model, _STATE)

@@ -26,9 +26,14 @@ def generate(
         return model.generate(**inputs, **generate_kwargs)
     built = [build_method(spec, model, inputs) for spec in methods]
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
-    processors.extend(m for m in built if isinstance(m, LogitsProcessor))
     with ExitStack() as stack:
         for method in built:
-            if not isinstance(method, LogitsProcessor):
-                stack.enter_context(method)
+            if isinstance(method, LogitsProcessor):
+                processors.append(method)
+                continue
+            stack.enter_context(method)
+            # A head method that also reweights the next token (PAI's text-only contrast) exposes it.
+            extra = getattr(method, "logits_processor", None)
+            if extra is not None:
+                processors.append(extra)
         return model.generate(**inputs, logits_processor=processors, **generate_kwargs)

@@ -263,6 +263,9 @@ def tiny_instructblip(seed: int = 0):
     )
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
+    # The query tokens start at zero: every query would read the image identically, unlike a trained model.
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 1.0)
     ip = BlipImageProcessorPil(size={"height": 30, "width": 30})
     qtok = word_tokenizer([])
     qtok.padding_side = "right"

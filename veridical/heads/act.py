@@ -1,0 +1,218 @@
+"""ACT: attention calibration of hidden attention sinks, with a per-model head calibration."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from veridical.adapters import Inputs
+from veridical.attention import ForwardContext
+from veridical.errors import InputError, MethodSpecError
+from veridical.heads.base import HeadMethod, check_layers, layer_range
+from veridical.registry import register_method
+
+HeadSet = dict[int, list[int]]
+
+
+def sink_columns(weights: torch.Tensor, valid: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """``(rows, heads, keys)``: columns with mean attention above ``threshold`` over the queries seeing them.
+
+    ``weights`` is a square prefill map ``(rows, heads, tokens, tokens)``. Padding rows and columns
+    never count, and each row's first real token (the always-attended start) is never a sink.
+    """
+    rows, _, tokens, _ = weights.shape
+    if valid is None:
+        valid = torch.ones(rows, tokens, dtype=torch.bool, device=weights.device)
+    valid = valid[:, -tokens:].to(weights.device)
+    column_sum = (weights * valid[:, None, :, None]).sum(dim=2)
+    # Real queries at or after column j: the causal rows that can attend to it.
+    seen_by = valid.flip(-1).cumsum(-1).flip(-1).float()
+    sinks = column_sum / seen_by.clamp_min(1)[:, None, :] > threshold
+    first = valid.float().argmax(dim=-1)
+    sinks &= valid[:, None, :]
+    sinks[torch.arange(rows), :, first] = False
+    return sinks
+
+
+def redistribute(weights: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scale sink columns by ``scale`` and give the freed mass to the other columns in proportion."""
+    others = weights * ~sinks
+    other_mass = others.sum(dim=-1, keepdim=True)
+    freed = (1 - scale) * (weights * sinks).sum(dim=-1, keepdim=True)
+    edited = torch.where(sinks, weights * scale, weights) + freed * others / other_mass.clamp_min(1e-30)
+    return torch.where(other_mass > 0, edited, weights)
+
+
+def save_heads(heads: Mapping[int, Sequence[int]], path: str | Path, **meta: Any) -> None:
+    """Write a head set as JSON: ``{"heads": {"layer": [head, ...]}, ...meta}``."""
+    payload = {"heads": {str(k): sorted(int(h) for h in v) for k, v in sorted(heads.items())}, **meta}
+    Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def load_heads(path: str | Path) -> HeadSet:
+    """Read a head set written by :func:`save_heads`."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        return {int(k): [int(h) for h in v] for k, v in payload["heads"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"{path}: not an ACT head file ({err})") from err
+
+
+@register_method("act")
+class ACT(HeadMethod):
+    r"""Attention Calibration Technique.
+
+    Yu et al., "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models
+    without Training through Attention Calibration", ICML 2024; official code GATECH-EIC/ACT
+    (``models/llama_modelling_aug.py``, ``models/augment_index.py``).
+
+    In the chosen heads, a column :math:`j` (except the first token) whose mean attention over the
+    queries that can see it exceeds ``threshold`` (0.1) is a hidden sink; its weights are scaled by
+    ``scale`` (0.4) and the freed mass is given to the other columns in proportion to their weights.
+
+    Heads: the official code ships per-layer head lists for layers 2..30 of LLaMA-2-7B found by a
+    calibration that keeps a head when calibrating it alone improves the model on a calibration set;
+    :func:`calibrate_act_heads` runs that search on any model and :func:`save_heads` /
+    ``heads="path.json"`` reuse it. Without a head set every head of layers 2..30 (scaled) is
+    calibrated.
+
+    Generation (not in the official code, which scores whole sequences): sink columns are found on
+    the prompt at prefill and kept fixed; every later query row is calibrated on those columns.
+
+    Args:
+        scale: share of attention a sink column keeps; 1 leaves attention unchanged.
+        threshold: mean attention above which a column is a sink.
+        heads: ``{layer: [heads]}``, a JSON path from :func:`save_heads`, or ``None`` (all heads).
+        layers: layers used when ``heads`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        scale: float = 0.4,
+        threshold: float = 0.1,
+        heads: Mapping[int, Sequence[int]] | str | Path | None = None,
+        layers: Sequence[int] | None = None,
+    ):
+        super().__init__(model, inputs)
+        if not 0 <= scale <= 1:
+            raise MethodSpecError(f"ACT scale must be in [0, 1], got {scale}")
+        if not 0 < threshold < 1:
+            raise MethodSpecError(f"ACT threshold must be in (0, 1), got {threshold}")
+        depth, num_heads = self.adapter.num_layers, self.adapter.num_heads
+        if isinstance(heads, (str, Path)):
+            heads = load_heads(heads)
+        if heads is None:
+            chosen = check_layers("ACT", layers, depth) if layers is not None else layer_range(2, 31, depth)
+            heads = {layer: list(range(num_heads)) for layer in chosen}
+        heads = {int(k): sorted({int(h) for h in v}) for k, v in heads.items() if len(v)}
+        bad = [(k, h) for k, v in heads.items() for h in v if not (0 <= k < depth and 0 <= h < num_heads)]
+        if bad:
+            raise MethodSpecError(
+                f"ACT heads {bad} are outside this model's {depth} layers x {num_heads} heads"
+            )
+        self.heads: HeadSet = heads
+        self.layers = sorted(heads)
+        self.scale, self.threshold = scale, threshold
+
+    def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        layer = module.layer_idx
+        heads = self.heads.get(layer)
+        if not heads or self.scale == 1:
+            return weights
+        store = context.sequence.store.setdefault(self, {})
+        if context.is_prefill:
+            store[layer] = sink_columns(weights[:, heads], context.valid_keys, self.threshold)
+        sinks = store.get(layer)
+        if sinks is None:
+            return weights
+        sinks = context.per_row(sinks)
+        keys = weights.shape[-1]
+        if sinks.shape[-1] < keys:
+            sinks = torch.cat([sinks, sinks.new_zeros(*sinks.shape[:2], keys - sinks.shape[-1])], dim=-1)
+        weights = weights.clone()
+        weights[:, heads] = redistribute(weights[:, heads], sinks[:, :, None, :keys], self.scale)
+        return weights
+
+
+@torch.no_grad()
+def calibrate_act_heads(
+    model: nn.Module,
+    samples: Iterable[tuple[Inputs, torch.Tensor]],
+    layers: Sequence[int] | None = None,
+    scale: float = 0.4,
+    threshold: float = 0.1,
+    progress: bool = True,
+) -> HeadSet:
+    """ACT's head search: keep each head whose calibration alone raises the score of the references.
+
+    ``samples`` are ``(inputs, target_ids)`` pairs: a prompt with its image and the token ids of the
+    reference answer (a POPE "yes"/"no", a caption, ...). The score is the mean log-probability of
+    the targets given the prompt, teacher-forced (the official code uses accuracy on a few
+    classification sets; log-probabilities separate heads with far fewer samples). Cost: one forward
+    per sample per candidate head.
+    """
+    from tqdm.auto import tqdm
+
+    from veridical.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    samples = [_teacher_forced(adapter, inputs, target) for inputs, target in samples]
+    if not samples:
+        raise InputError("ACT calibration needs at least one (inputs, target_ids) sample")
+    depth = adapter.num_layers
+    layers = check_layers("ACT", layers, depth) if layers is not None else layer_range(2, 31, depth)
+
+    def score(heads: HeadSet | None) -> float:
+        total = 0.0
+        for forward, target_len in samples:
+            if heads is None:
+                logits = forward()
+            else:
+                with ACT(model, forward.inputs, scale=scale, threshold=threshold, heads=heads):
+                    logits = forward()
+            total += _target_log_prob(logits, forward.inputs["input_ids"], target_len)
+        return total / len(samples)
+
+    baseline = score(None)
+    chosen: HeadSet = {}
+    candidates = [(layer, head) for layer in layers for head in range(adapter.num_heads)]
+    for layer, head in tqdm(candidates, desc="ACT calibration", disable=not progress):
+        if score({layer: [head]}) > baseline:
+            chosen.setdefault(layer, []).append(head)
+    return chosen
+
+
+class _Forward:
+    def __init__(self, adapter, inputs: dict[str, Any]):
+        self.adapter, self.inputs = adapter, inputs
+        self.position_ids = adapter.prefill_position_ids(inputs)
+
+    def __call__(self) -> torch.Tensor:
+        module = self.adapter.prefill_module(self.inputs)
+        return module(**self.inputs, position_ids=self.position_ids, use_cache=False).logits.float()
+
+
+def _teacher_forced(adapter, inputs: Inputs, target: torch.Tensor) -> tuple[_Forward, int]:
+    adapter.validate_inputs(inputs)
+    target = torch.as_tensor(target).reshape(1, -1).expand(inputs["input_ids"].shape[0], -1)
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], target.to(inputs["input_ids"])], dim=1)
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+    full["attention_mask"] = torch.cat([mask, torch.ones_like(target).to(mask)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        extra = torch.zeros_like(target).to(inputs["mm_token_type_ids"])
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], extra], dim=1)
+    return _Forward(adapter, full), target.shape[1]
+
+
+def _target_log_prob(logits: torch.Tensor, input_ids: torch.Tensor, target_len: int) -> float:
+    log_probs = torch.log_softmax(logits[:, -target_len - 1 : -1], dim=-1)
+    target = input_ids[:, -target_len:]
+    return float(log_probs.gather(-1, target[..., None]).mean())

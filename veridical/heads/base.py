@@ -1,0 +1,91 @@
+"""What every head method shares: construction checks, layer choice, attach/detach as a context manager."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+from torch import nn
+from transformers import LogitsProcessor
+
+from veridical.adapters import Inputs, ModelAdapter, get_adapter
+from veridical.attention import AttentionHook, intercept_attention
+from veridical.errors import MethodSpecError, UnsupportedModelError
+
+#: Depth of the 7B models the official layer choices were written for.
+REFERENCE_DEPTH = 32
+
+
+def scale_index(index: int, depth: int, reference: int = REFERENCE_DEPTH) -> int:
+    """Layer ``index`` of a ``reference``-deep model, at the same relative depth of a ``depth``-deep one."""
+    return min(depth, round(index * depth / reference))
+
+
+def layer_range(start: int, stop: int, depth: int) -> list[int]:
+    """Layers ``start..stop-1`` of a 32-layer model, scaled to ``depth`` layers (never empty)."""
+    first, last = scale_index(start, depth), scale_index(stop, depth)
+    return list(range(min(first, depth - 1), max(last, min(first, depth - 1) + 1)))
+
+
+def check_layers(name: str, layers: Sequence[int], depth: int) -> list[int]:
+    """Validate a user's explicit layer list against the model's depth."""
+    layers = sorted({int(i) for i in layers})
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad or not layers:
+        raise MethodSpecError(
+            f"{name} layers {bad or '[]'} are not in 0..{depth - 1} (the text decoder's layers)"
+        )
+    return layers
+
+
+class HeadMethod(AttentionHook, AbstractContextManager):
+    """A registered attention intervention: ``with Method(model, inputs): model.generate(**inputs)``.
+
+    Subclasses set :attr:`layers` (or pass ``layers=`` through), implement the ``edit_*`` hooks of
+    :class:`~veridical.attention.AttentionHook`, and may override :meth:`prepare` for work that must
+    run once before generation (measurements on the inputs). A method that also changes the
+    next-token distribution exposes it as :attr:`logits_processor`, which :func:`veridical.generate`
+    adds for you.
+    """
+
+    #: Families the method applies to; ``None``: every supported family.
+    families: ClassVar[tuple[str, ...] | None] = None
+    logits_processor: LogitsProcessor | None = None
+
+    def __init__(self, model: nn.Module, inputs: Inputs):
+        self.model = model
+        self.adapter: ModelAdapter = get_adapter(model)
+        if self.families is not None and self.adapter.family not in self.families:
+            raise UnsupportedModelError(
+                f"{type(self).__name__} applies to {', '.join(self.families)} models, "
+                f"not to {self.adapter.family}"
+            )
+        self.adapter.validate_inputs(inputs)
+        self.inputs = inputs
+        self._attached: AbstractContextManager | None = None
+
+    @property
+    def prompts(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    def prepare(self) -> None:
+        """Work done once on entry, before any hooked forward (default: nothing)."""
+
+    def hooks(self) -> list[AttentionHook]:
+        return [self]
+
+    def __enter__(self) -> HeadMethod:
+        if self._attached is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} is already attached; build one instance per generate() call"
+            )
+        self.prepare()
+        self._attached = intercept_attention(self.model, *self.hooks())
+        self._attached.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        attached, self._attached = self._attached, None
+        if attached is not None:
+            attached.__exit__(*exc)

@@ -1,0 +1,143 @@
+"""VAR: visual attention redistribution away from sink tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from veridical.adapters import Inputs
+from veridical.attention import ForwardContext
+from veridical.errors import MethodSpecError
+from veridical.heads.base import HeadMethod, check_layers, layer_range
+from veridical.heads.sinks import detect_sink_dims, known_sink_dims, rms_normalized
+from veridical.registry import register_method
+
+
+@register_method("var")
+class VAR(HeadMethod):
+    r"""Visual Attention Redistribution.
+
+    Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models", ICLR 2025;
+    official code seilk/VisAttnSink (``src/logic/logic.py``: ``DimProspector``, ``HeadFork``,
+    ``VARProcessor``).
+
+    *Sinks.* At prefill, for layers 2..L-1 (scaled from 32 layers), token :math:`j` is a sink of layer
+    :math:`l` when its residual stream entering :math:`l`, RMS-normalised without weight, exceeds
+    ``tau`` (20) in any sink dimension (LLaMA-2-7B: 2533, 1415; see :mod:`veridical.heads.sinks`).
+    Sinks are fixed after prefill; generated tokens are never sinks.
+
+    *Image-centric rows.* In a layer with at least one image sink, a (head, query) row is selected
+    when its attention to image tokens is at least ``summ`` (0.2) and the sink share of that image
+    attention, :math:`\sum_{\text{img sinks}} a / (\sum_{\text{img}} a + 10^{-6} n_{\text{img}})`, is
+    at most ``rho`` (0.5). At prefill only rows after the (last) image are eligible.
+
+    *Redistribution.* In a selected row every sink, text sinks included, keeps ``p`` (0.6) of its
+    weight; the freed mass :math:`(1-p)\sum_{\text{sinks}} a` goes to the non-sink image tokens in
+    proportion to their weights, so the row still sums to 1.
+
+    Code and paper differ on the last layer: the paper excludes it, the code's skip flag is dead and
+    it is modified. Default as the code; ``skip_last_layer=True`` is the paper. Beyond the paper,
+    ``sink_dims="auto"`` (the default for models without published dimensions) detects them from the
+    prompts and caches them per model, so VAR runs on every family.
+
+    Args:
+        p: share of attention a sink keeps; 1 leaves attention unchanged.
+        rho: largest sink share of image attention for a row to be selected.
+        summ: smallest image attention for a row to be selected.
+        tau: sink threshold on the normalised residual stream.
+        sink_dims: dimensions to test, ``"auto"`` (detect), or ``None`` (published if known, else auto).
+        skip_last_layer: leave the last layer alone (paper variant).
+        layers: decoder layers to find sinks and redistribute in.
+    """
+
+    observes_layer_inputs = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        p: float = 0.6,
+        rho: float = 0.5,
+        summ: float = 0.2,
+        tau: float = 20.0,
+        sink_dims: Sequence[int] | str | None = None,
+        skip_last_layer: bool = False,
+        layers: Sequence[int] | None = None,
+    ):
+        super().__init__(model, inputs)
+        if not 0 <= p <= 1:
+            raise MethodSpecError(f"VAR p must be in [0, 1], got {p}")
+        if not 0 <= rho <= 1 or not 0 <= summ <= 1:
+            raise MethodSpecError(f"VAR rho and summ must be in [0, 1], got {rho}, {summ}")
+        depth = self.adapter.num_layers
+        chosen = check_layers("VAR", layers, depth) if layers is not None else layer_range(2, 32, depth)
+        if skip_last_layer:
+            chosen = [i for i in chosen if i != depth - 1]
+        self.layers = chosen
+        self.p, self.rho, self.summ, self.tau = p, rho, summ, tau
+        if isinstance(sink_dims, str) and sink_dims != "auto":
+            raise MethodSpecError(f"VAR sink_dims must be a list of dimensions or 'auto', got {sink_dims!r}")
+        if sink_dims is None:
+            sink_dims = known_sink_dims(self.adapter) or "auto"
+        if sink_dims == "auto":
+            sink_dims = detect_sink_dims(model, inputs, self.layers)
+        hidden = int(self.adapter.text_config.hidden_size)
+        if any(not 0 <= int(d) < hidden for d in sink_dims):
+            raise MethodSpecError(f"VAR sink_dims {list(sink_dims)} are outside 0..{hidden - 1}")
+        self.sink_dims = [int(d) for d in sink_dims]
+
+    # -- sinks, decided at prefill ------------------------------------------------------------
+    def observe_layer_input(self, layer_idx: int, hidden: torch.Tensor, context: ForwardContext) -> None:
+        if not context.is_prefill:
+            return
+        if self.sink_dims:
+            values = rms_normalized(hidden)[..., self.sink_dims].abs().amax(dim=-1)
+            sinks = values > self.tau
+        else:
+            sinks = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if context.valid_keys is not None:
+            sinks &= context.valid_keys[:, -hidden.shape[1] :].to(sinks.device)
+        context.sequence.store.setdefault(self, {})[layer_idx] = sinks
+
+    def sinks(self, layer: int, context: ForwardContext, keys: int) -> torch.Tensor | None:
+        """``(rows, keys)`` sink columns of ``layer`` for this forward, or ``None`` before any prefill."""
+        sinks = context.sequence.store.get(self, {}).get(layer)
+        if sinks is None:
+            return None
+        sinks = context.per_row(sinks)
+        if sinks.shape[1] < keys:
+            sinks = torch.cat([sinks, sinks.new_zeros(sinks.shape[0], keys - sinks.shape[1])], dim=1)
+        return sinks[:, :keys]
+
+    # -- redistribution --------------------------------------------------------------------------
+    def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        keys = weights.shape[-1]
+        sinks = self.sinks(module.layer_idx, context, keys)
+        if sinks is None or self.p == 1:
+            return weights
+        image = context.image_keys(keys).to(weights.device)
+        sinks = sinks.to(weights.device)
+        image_sinks = image & sinks
+        has_image_sink = image_sinks.any(dim=-1)  # (rows,)
+        if not has_image_sink.any():
+            return weights
+        image_mass = (weights * image[:, None, None, :]).sum(dim=-1)  # (rows, heads, queries)
+        image_count = image.sum(dim=-1).float()[:, None, None]
+        sink_share = (weights * image_sinks[:, None, None, :]).sum(dim=-1) / (image_mass + 1e-6 * image_count)
+        selected = (sink_share <= self.rho) & (image_mass >= self.summ) & has_image_sink[:, None, None]
+        if context.is_prefill:
+            columns = torch.arange(keys, device=weights.device)
+            image_end = torch.where(image, columns, -1).amax(dim=-1) + 1  # (rows,)
+            queries = context.query_positions(weights.shape[2], weights.device)
+            selected &= queries[None, None, :] >= image_end[:, None, None]
+        receivers = (image & ~sinks)[:, None, None, :]
+        receiver_weights = weights * receivers
+        receiver_mass = receiver_weights.sum(dim=-1, keepdim=True)
+        # Rows with nothing to receive the mass keep their attention instead of dividing by zero.
+        selected &= receiver_mass[..., 0] > 0
+        freed = (1 - self.p) * (weights * sinks[:, None, None, :]).sum(dim=-1, keepdim=True)
+        kept = torch.where(sinks[:, None, None, :], weights * self.p, weights)
+        redistributed = kept + freed * receiver_weights / receiver_mass.clamp_min(1e-30)
+        return torch.where(selected[..., None], redistributed, weights)
