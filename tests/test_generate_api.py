@@ -137,3 +137,14 @@ def test_head_methods_are_removed_when_generation_fails(llava):
         )
     assert model.config.text_config._attn_implementation == "sdpa"
     assert torch.equal(model.generate(**inputs, **GREEDY), vanilla)
+
+
+def test_command_line_specs_keep_lists_and_name_bad_values():
+    from veridical.errors import MethodSpecError
+    from veridical.registry import parse_method_spec
+
+    spec = parse_method_spec("var:sink_dims=[0,1],tau=1.5")
+    assert spec == {"name": "var", "sink_dims": [0, 1], "tau": 1.5}
+    assert parse_method_spec("act:heads={1: [0, 2]}") == {"name": "act", "heads": {1: [0, 2]}}
+    with pytest.raises(MethodSpecError, match="sink_dims"):
+        parse_method_spec("var:sink_dims=[0,1")

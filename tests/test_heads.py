@@ -438,7 +438,7 @@ def test_sink_dimensions_detected_from_massive_activations(tiny_models, question
         model.get_input_embeddings().weight[first_token, 7] = 500.0
     # A normalised value is at most sqrt(64) = 8 here, so the ratio to the median (~2.5) stays small.
     assert detect_sink_dims(model, inputs, layers=[0, 1, 2, 3], min_ratio=2.5) == (7,)
-    method = VAR(model, inputs)  # no published dimensions for this model: auto, from the cache
+    method = VAR(model, inputs, sink_ratio=2.5)  # no published dimensions for this model: auto, cached
     assert method.sink_dims == [7]
 
 

@@ -130,3 +130,35 @@ def test_shipped_checkpoint_reproduces_a_recorded_greedy_caption():
     )
     # Recorded when the checkpoint was trained: the absent partner "fork" follows "knife".
     assert caption_text == "there is a knife , a fork , a ball and a bat ."
+
+
+def test_calibrate_act_command_writes_a_head_file_act_accepts(tmp_path, monkeypatch, capsys):
+    from veridical.cli import main
+    from veridical.evals.models import load_model
+    from veridical.evals.world.evaluate import WORLD_MODELS
+    from veridical.heads import ACT, load_heads
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "heads.json"
+    assert (
+        main(["calibrate-act", "--model", "world", "--samples", "4", "--output", str(out), "--no-progress"])
+        == 0
+    )
+    assert "written to" in capsys.readouterr().out
+    heads = load_heads(out)
+    assert all(0 <= layer < 2 and set(h) <= set(range(4)) for layer, h in heads.items())
+    assert (tmp_path / "runs" / "world" / "calibration-2000" / "world_pope_random.json").exists()
+    model, processor = load_model(str(WORLD_MODELS["world"]), "float32", "cpu")
+    from veridical.tiny import random_images
+
+    inputs = processor(
+        images=random_images(1), text=["USER: <image> is there a fork ? ASSISTANT:"], return_tensors="pt"
+    )
+    assert ACT(model, inputs, heads=out).heads == heads
+
+
+def test_calibrate_act_command_needs_data_for_other_models(tmp_path):
+    from veridical.cli import main
+
+    with pytest.raises(SystemExit, match="--questions"):
+        main(["calibrate-act", "--model", str(tmp_path), "--output", str(tmp_path / "h.json")])

@@ -58,6 +58,14 @@ def expand_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return tensor.repeat_interleave(rows // tensor.shape[0], dim=0)
 
 
+def fit_keys(tensor: torch.Tensor, keys: int) -> torch.Tensor:
+    """``tensor`` over prompt columns, cut or zero-padded (``False``) on the right to ``keys`` columns."""
+    if tensor.shape[-1] >= keys:
+        return tensor[..., :keys]
+    pad = tensor.new_zeros(*tensor.shape[:-1], keys - tensor.shape[-1])
+    return torch.cat([tensor, pad], dim=-1)
+
+
 @dataclass
 class SequenceState:
     """What is known about one sequence (one KV cache) across its forwards."""
@@ -79,6 +87,7 @@ class ForwardContext:
     rows: int
     #: ``(rows, keys)`` or ``None``: key columns that are real tokens (not padding).
     valid_keys: torch.Tensor | None
+    _image_keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def is_prefill(self) -> bool:
@@ -86,10 +95,10 @@ class ForwardContext:
 
     def image_keys(self, keys: int) -> torch.Tensor:
         """``(rows, keys)`` boolean: key columns that hold image tokens (generated tokens never do)."""
-        mask = expand_rows(self.sequence.image_mask, self.rows)
-        if mask.shape[1] >= keys:
-            return mask[:, :keys]
-        return torch.cat([mask, mask.new_zeros(self.rows, keys - mask.shape[1])], dim=1)
+        # Every hooked layer of a forward asks the same question: answer it once.
+        if keys not in self._image_keys:
+            self._image_keys[keys] = fit_keys(expand_rows(self.sequence.image_mask, self.rows), keys)
+        return self._image_keys[keys]
 
     def query_positions(self, queries: int, device: torch.device) -> torch.Tensor:
         """Column index of each query of this forward."""

@@ -81,12 +81,31 @@ def parse_method_spec(text: str) -> MethodSpec:
     if not params:
         return name
     spec: dict[str, Any] = {"name": name}
-    for item in params.split(","):
+    for item in _split_top_level(params):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise MethodSpecError(f"method spec {text!r}: expected key=value, got {item!r}")
-        spec[key.strip()] = yaml.safe_load(value)
+        try:
+            spec[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise MethodSpecError(
+                f"method spec {text!r}: cannot read the value of {key.strip()!r}: {value!r}"
+            ) from err
     return spec
+
+
+def _split_top_level(params: str) -> list[str]:
+    """``a=1,dims=[0,1]`` -> ``["a=1", "dims=[0,1]"]``: commas inside brackets belong to the value."""
+    items, depth, current = [], 0, ""
+    for char in params:
+        depth += char in "[{("
+        depth -= char in "]})"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [*items, current]
 
 
 def validate_spec(spec: MethodSpec) -> None:

@@ -79,6 +79,24 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=run_eval_command)
 
+    cal = sub.add_parser(
+        "calibrate-act",
+        help="choose ACT's heads on a model from labelled POPE questions; write a JSON head file",
+    )
+    cal.add_argument("--model", required=True, help="hub id, local folder, world or world-noprior")
+    cal.add_argument("--questions", help="POPE question file (default for world models: a fresh world set)")
+    cal.add_argument("--images", help="image folder of the questions")
+    cal.add_argument("--samples", type=int, default=32, help="questions drawn with --seed")
+    cal.add_argument("--layers", help="comma-separated layers to search (default: ACT's scaled 2..30)")
+    cal.add_argument("--scale", type=float, default=0.4)
+    cal.add_argument("--threshold", type=float, default=0.1)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--dtype", default="auto")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--output", required=True, help="head file to write (JSON)")
+    cal.add_argument("--no-progress", action="store_true")
+    cal.set_defaults(run=calibrate_act_command)
+
     world = sub.add_parser("world", help="the synthetic world: train its model").add_subparsers(
         dest="world_command", required=True
     )
@@ -100,7 +118,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="STACK",
         help="a method stack, methods joined by '+': vcd | vcd:contrast=blank | var+vcd; "
-        "repeatable (default: vanilla and every VCD contrast)",
+        "repeatable (default: vanilla, every VCD contrast and every head method)",
     )
     weval.add_argument("--probes", type=int, default=400)
     weval.add_argument("--seed", type=int, default=1000)
@@ -327,3 +345,49 @@ def _world_report(args: argparse.Namespace, table: str) -> str:
         "veridical " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["world"] else "veridical world eval"
     )
     return WORLD_REPORT_HEADER.format(command=command, probes=args.probes, seed=args.seed) + table + "\n"
+
+
+#: World calibration data use their own seed, disjoint from the evaluation scenes (seed 1000).
+WORLD_CALIBRATION_SEED = 2000
+
+
+def calibrate_act_command(args: argparse.Namespace) -> int:
+    from veridical.evals.calibration import pope_calibration_samples
+    from veridical.evals.models import load_model
+    from veridical.evals.world.evaluate import WORLD_MODELS, write_world_data
+    from veridical.heads.act import calibrate_act_heads, save_heads
+
+    questions, images = args.questions, args.images
+    if questions is None:
+        if args.model not in WORLD_MODELS:
+            raise SystemExit("calibrate-act: --questions and --images are required for non-world models")
+        data = write_world_data(
+            Path("runs/world") / f"calibration-{WORLD_CALIBRATION_SEED}",
+            4 * args.samples,
+            WORLD_CALIBRATION_SEED,
+        )
+        questions, images = data / "world_pope_random.json", data / "pope"
+    elif images is None:
+        raise SystemExit("calibrate-act: --images is required with --questions")
+    model, processor = load_model(str(WORLD_MODELS.get(args.model, args.model)), args.dtype, args.device)
+    samples = pope_calibration_samples(model, processor, questions, images, args.samples, args.seed)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    heads = calibrate_act_heads(
+        model,
+        samples,
+        layers=layers,
+        scale=args.scale,
+        threshold=args.threshold,
+        progress=not args.no_progress,
+    )
+    save_heads(
+        heads,
+        args.output,
+        model=args.model,
+        questions=str(questions),
+        samples=len(samples),
+        scale=args.scale,
+        threshold=args.threshold,
+    )
+    print(f"{sum(map(len, heads.values()))} head(s) kept in {len(heads)} layer(s); written to {args.output}")
+    return 0

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from veridical.adapters import Inputs
-from veridical.attention import ForwardContext
+from veridical.attention import ForwardContext, fit_keys
 from veridical.errors import InputError, MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, layer_range
 from veridical.registry import register_method
@@ -132,12 +132,9 @@ class ACT(HeadMethod):
         sinks = store.get(layer)
         if sinks is None:
             return weights
-        sinks = context.per_row(sinks)
-        keys = weights.shape[-1]
-        if sinks.shape[-1] < keys:
-            sinks = torch.cat([sinks, sinks.new_zeros(*sinks.shape[:2], keys - sinks.shape[-1])], dim=-1)
+        sinks = fit_keys(context.per_row(sinks), weights.shape[-1])
         weights = weights.clone()
-        weights[:, heads] = redistribute(weights[:, heads], sinks[:, :, None, :keys], self.scale)
+        weights[:, heads] = redistribute(weights[:, heads], sinks[:, :, None, :], self.scale)
         return weights
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from veridical.adapters import Inputs
-from veridical.attention import AttentionHook, ForwardContext
+from veridical.attention import AttentionHook, ForwardContext, fit_keys
 from veridical.errors import InputError, MethodSpecError
 from veridical.heads.pai import PAI
 from veridical.heads.paired import last_token_head_outputs, paired_forward
@@ -128,17 +128,22 @@ class PAINT(PAI):
             self.head_factors = divergence / divergence.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def key_weights(self, context: ForwardContext, keys: int) -> torch.Tensor:
-        image_keys = context.image_keys(keys)
+        store = context.sequence.store
+        if self not in store:  # once per sequence: image tokens stay put, generated ones get nothing
+            store[self] = self._scatter(context.image_keys(keys))
+        return fit_keys(context.per_row(store[self]), keys)
+
+    def _scatter(self, image_keys: torch.Tensor) -> torch.Tensor:
+        """Each row's token weights onto its image positions (rows of another layout get none)."""
+        rows = image_keys.shape[0]
         weights = torch.zeros(image_keys.shape, dtype=torch.float32, device=image_keys.device)
-        per_row = context.rows // self.prompts if context.rows % self.prompts == 0 else 0
-        for row in range(context.rows):
-            count = int(image_keys[row].sum())
-            if count == 0 or not per_row:
-                continue
-            row_weights = self.token_weights[row // per_row]
-            if count != len(row_weights):  # another prompt layout (a contrast branch): leave it alone
-                continue
-            weights[row, image_keys[row]] = row_weights.to(weights.device)
+        if rows % self.prompts:
+            return weights
+        per_prompt = rows // self.prompts
+        for row in range(rows):
+            row_weights = self.token_weights[row // per_prompt]
+            if int(image_keys[row].sum()) == len(row_weights):  # not a contrast branch without image
+                weights[row, image_keys[row]] = row_weights.to(weights.device)
         return weights
 
     def head_weights(self, layer: int, context: ForwardContext) -> torch.Tensor | None:

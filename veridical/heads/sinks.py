@@ -68,15 +68,18 @@ def detect_sink_dims(
 ) -> tuple[int, ...]:
     """The (at most ``num_dims``) dimensions whose peak is ``min_ratio`` times the median dimension's.
 
-    Peaks are taken over the prompt tokens of ``inputs`` entering ``layers``. An RMS-normalised value
+    Peaks are taken over the prompt tokens of ``inputs`` entering ``layers``; the first call for a
+    model and settings decides, later calls (other prompts) reuse its answer. An RMS-normalised value
     cannot exceed ``sqrt(hidden_size)`` (8 for a 64-wide toy model, 64 for a 7B model whose sink
     dimensions reach 20-60 against a median dimension's 3-5), so small models need a lower
     ``min_ratio``. The result is cached per
     model object; :func:`clear_sink_dims` forgets it. A model with no massive activations gets ``()``
     (and a warning): VAR then has no sinks to act on.
     """
-    if model in _DETECTED:
-        return _DETECTED[model]
+    settings = (tuple(layers), num_dims, min_ratio)
+    cached = _DETECTED.setdefault(model, {})
+    if settings in cached:
+        return cached[settings]
     adapter = get_adapter(model)
     recorder = _PeakRecorder(layers, int(adapter.text_config.hidden_size))
     position_ids = adapter.prefill_position_ids({**inputs, "attention_mask": _mask(inputs)})
@@ -93,7 +96,7 @@ def detect_sink_dims(
             "VAR finds no sinks",
             stacklevel=2,
         )
-    _DETECTED[model] = dims
+    cached[settings] = dims
     return dims
 
 

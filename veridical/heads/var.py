@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from veridical.adapters import Inputs
-from veridical.attention import ForwardContext
+from veridical.attention import ForwardContext, fit_keys
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, layer_range
 from veridical.heads.sinks import detect_sink_dims, known_sink_dims, rms_normalized
@@ -48,6 +48,8 @@ class VAR(HeadMethod):
         summ: smallest image attention for a row to be selected.
         tau: sink threshold on the normalised residual stream.
         sink_dims: dimensions to test, ``"auto"`` (detect), or ``None`` (published if known, else auto).
+        sink_ratio: for ``"auto"``: how many times the median dimension's peak a sink dimension's
+            peak must reach (see :func:`~veridical.heads.sinks.detect_sink_dims`).
         skip_last_layer: leave the last layer alone (paper variant).
         layers: decoder layers to find sinks and redistribute in.
     """
@@ -63,6 +65,7 @@ class VAR(HeadMethod):
         summ: float = 0.2,
         tau: float = 20.0,
         sink_dims: Sequence[int] | str | None = None,
+        sink_ratio: float = 5.0,
         skip_last_layer: bool = False,
         layers: Sequence[int] | None = None,
     ):
@@ -82,7 +85,7 @@ class VAR(HeadMethod):
         if sink_dims is None:
             sink_dims = known_sink_dims(self.adapter) or "auto"
         if sink_dims == "auto":
-            sink_dims = detect_sink_dims(model, inputs, self.layers)
+            sink_dims = detect_sink_dims(model, inputs, self.layers, min_ratio=sink_ratio)
         hidden = int(self.adapter.text_config.hidden_size)
         if any(not 0 <= int(d) < hidden for d in sink_dims):
             raise MethodSpecError(f"VAR sink_dims {list(sink_dims)} are outside 0..{hidden - 1}")
@@ -106,10 +109,7 @@ class VAR(HeadMethod):
         sinks = context.sequence.store.get(self, {}).get(layer)
         if sinks is None:
             return None
-        sinks = context.per_row(sinks)
-        if sinks.shape[1] < keys:
-            sinks = torch.cat([sinks, sinks.new_zeros(sinks.shape[0], keys - sinks.shape[1])], dim=1)
-        return sinks[:, :keys]
+        return fit_keys(context.per_row(sinks), keys)
 
     # -- redistribution --------------------------------------------------------------------------
     def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:

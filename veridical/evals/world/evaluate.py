@@ -40,6 +40,11 @@ DEFAULT_METHODS: list[list[Any]] = [
     ["vcd"],
     [{"name": "vcd", "contrast": "blank"}],
     [{"name": "vcd", "contrast": "no_image"}],
+    ["pai"],
+    ["paint"],
+    ["vhr"],
+    ["act"],
+    ["var"],
 ]
 GENERATION = {
     "chair": {"do_sample": False, "max_new_tokens": 24},
