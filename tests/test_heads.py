@@ -167,6 +167,33 @@ def llava(tiny_models, questions):
     return model, tiny_inputs("llava", processor, questions)
 
 
+def var_rule(before, sinks, image, p, rho, summ, first_query):
+    """VAR's edit written out row by row: ``sinks``/``image`` are per-row lists of key columns."""
+    expected, changed = before.clone(), 0
+    for b in range(before.shape[0]):
+        img = image[b]
+        image_sinks = [j for j in img if j in sinks[b]]
+        receivers = [j for j in img if j not in sinks[b]]
+        if not image_sinks:
+            continue
+        for h in range(before.shape[1]):
+            for q in range(before.shape[2]):
+                if q + (before.shape[-1] - before.shape[2]) < first_query[b]:
+                    continue
+                row = before[b, h, q].double()
+                mass = row[img].sum()
+                share = row[image_sinks].sum() / (mass + 1e-6 * len(img))
+                if share > rho or mass < summ:
+                    continue
+                new = row.clone()
+                budget = (1 - p) * row[sinks[b]].sum()
+                new[sinks[b]] *= p
+                new[receivers] += budget * row[receivers] / row[receivers].sum()
+                expected[b, h, q] = new.float()
+                changed += 1
+    return expected, changed
+
+
 def test_var_redistribution_equals_the_rule(llava):
     model, inputs = llava
     adapter = get_adapter(model)
@@ -177,38 +204,24 @@ def test_var_redistribution_equals_the_rule(llava):
     normed = (hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()[..., [0, 1]].amax(-1)
     # A threshold just below every row's largest image value: each row has an image sink.
     tau = float(min(normed[b][image[b]].max() for b in range(2))) - 1e-4
-    p, rho, summ = 0.6, 0.5, 0.2
-    method = VAR(model, inputs, p=p, rho=rho, summ=summ, tau=tau, sink_dims=[0, 1], layers=[0])
-    before, after = around(model, inputs, method, 0, "weights")
-    expected = before.clone()
-    changed = 0
-    for b in range(2):
-        sinks = [j for j in range(image.shape[1]) if normed[b, j] > tau and valid[b, j]]
-        img = image[b].nonzero().flatten().tolist()
-        image_sinks = [j for j in img if j in sinks]
-        receivers = [j for j in img if j not in sinks]
-        assert image_sinks
-        for h in range(before.shape[1]):
-            for q in range(max(img) + 1, before.shape[2]):
-                row = before[b, h, q].double()
-                mass = row[img].sum()
-                share = row[image_sinks].sum() / (mass + 1e-6 * len(img))
-                if share > rho or mass < summ:
-                    continue
-                new = row.clone()
-                budget = (1 - p) * row[sinks].sum()
-                new[sinks] *= p
-                new[receivers] += budget * row[receivers] / row[receivers].sum()
-                expected[b, h, q] = new.float()
-                changed += 1
+    sinks = [[j for j in range(image.shape[1]) if normed[b, j] > tau and valid[b, j]] for b in range(2)]
+    columns = [image[b].nonzero().flatten().tolist() for b in range(2)]
+    after_image = [max(c) + 1 for c in columns]
+
+    method = VAR(model, inputs, p=0.6, rho=0.5, summ=0.2, tau=tau, sink_dims=[0, 1], layers=[0])
+    before, after = Capture(0, "weights"), Capture(0, "weights")
+    with intercept_attention(model, before), method, intercept_attention(model, after):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    # Prefill: only rows after the image are eligible.
+    expected, changed = var_rule(before.seen[0], sinks, columns, 0.6, 0.5, 0.2, after_image)
     assert changed > 10
-    torch.testing.assert_close(after, expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(
-        after.sum(-1)[valid[:, None, :].expand_as(after.sum(-1))],
-        torch.ones(1).expand(int(valid.sum()) * after.shape[1]),
-        atol=1e-5,
-        rtol=0,
-    )
+    torch.testing.assert_close(after.seen[0], expected, atol=1e-6, rtol=1e-5)
+    row_sums = after.seen[0].sum(-1)[valid[:, None, :].expand(-1, after.seen[0].shape[1], -1)]
+    torch.testing.assert_close(row_sums, torch.ones_like(row_sums), atol=1e-5, rtol=0)
+    # The generated token: the prefill sinks still apply, the new column is never one.
+    expected, changed = var_rule(before.seen[1], sinks, columns, 0.6, 0.5, 0.2, [0, 0])
+    assert changed > 0
+    torch.testing.assert_close(after.seen[1], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_pai_boost_equals_the_rule(llava):
@@ -419,6 +432,23 @@ def test_act_head_calibration_keeps_exactly_the_heads_that_help(llava, tiny_mode
 
 
 # -- sink dimensions -----------------------------------------------------------------------------------
+
+
+def test_layer_rules_scale_the_official_choices():
+    from veridical.heads.base import layer_range
+
+    assert layer_range(2, 32, 32) == list(range(2, 32))  # PAI, VAR
+    assert layer_range(2, 31, 32) == list(range(2, 31))  # ACT
+    assert layer_range(2, 32, 2) == [0, 1] and layer_range(2, 32, 40) == list(range(2, 40))
+    assert default_vhr_layers("llava", 32) == [1, *range(18, 32)]
+    assert default_vhr_layers("instructblip", 32) == list(range(14, 32))
+    assert default_vhr_layers("qwen2_vl", 28) == [1, *range(16, 28)]
+
+
+def test_var_paper_variant_skips_the_last_layer(llava):
+    model, inputs = llava
+    assert VAR(model, inputs, sink_dims=[0]).layers == [0, 1, 2, 3]
+    assert VAR(model, inputs, sink_dims=[0], skip_last_layer=True).layers == [0, 1, 2]
 
 
 def test_sink_dimensions_detected_from_massive_activations(tiny_models, questions):

@@ -24,13 +24,17 @@ def scale_index(index: int, depth: int, reference: int = REFERENCE_DEPTH) -> int
 
 def layer_range(start: int, stop: int, depth: int) -> list[int]:
     """Layers ``start..stop-1`` of a 32-layer model, scaled to ``depth`` layers (never empty)."""
-    first, last = scale_index(start, depth), scale_index(stop, depth)
-    return list(range(min(first, depth - 1), max(last, min(first, depth - 1) + 1)))
+    first = min(scale_index(start, depth), depth - 1)
+    return list(range(first, max(scale_index(stop, depth), first + 1)))
 
 
-def check_layers(name: str, layers: Sequence[int], depth: int) -> list[int]:
-    """Validate a user's explicit layer list against the model's depth."""
-    layers = sorted({int(i) for i in layers})
+def check_layers(name: str, layers: Sequence[int] | int, depth: int) -> list[int]:
+    """Validate a user's explicit layer list (or one layer) against the model's depth."""
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):
+        raise MethodSpecError(f"{name} layers must be layer indices, got {layers!r}")
+    layers = sorted(set(layers))
     bad = [i for i in layers if not 0 <= i < depth]
     if bad or not layers:
         raise MethodSpecError(

@@ -59,6 +59,10 @@ class PAINT(PAI):
     per-head factor: each head's output divergence with and without the image at the last prompt
     token (VHR's VHD) divided by its layer's mean, measured once on entry.
 
+    The official code counts the summary tokens as ``int(n * outliers / n)``, which floating point can
+    round one below the outlier count; here it is the count itself. It reads only the first image of a
+    batch; here every image gets its own tokens.
+
     Applies to LLaVA-1.5 models (one CLIP patch per image token); other families raise.
 
     Args:

@@ -38,9 +38,12 @@ class VAR(HeadMethod):
     proportion to their weights, so the row still sums to 1.
 
     Code and paper differ on the last layer: the paper excludes it, the code's skip flag is dead and
-    it is modified. Default as the code; ``skip_last_layer=True`` is the paper. Beyond the paper,
-    ``sink_dims="auto"`` (the default for models without published dimensions) detects them from the
-    prompts and caches them per model, so VAR runs on every family.
+    it is modified. Default as the code; ``skip_last_layer=True`` is the paper. The official code runs
+    one prompt at a time (it pools sink indices over the batch); here sinks, image positions and the
+    "after the image" rule are per row, so left-padded batches and beams give each row its own.
+
+    Beyond the paper, ``sink_dims="auto"`` (the default for models without published dimensions)
+    detects them from the prompts and caches them per model, so VAR runs on every family.
 
     Args:
         p: share of attention a sink keeps; 1 leaves attention unchanged.

@@ -44,6 +44,8 @@ class VHR(HeadMethod):
     r"""Vision-aware Head Reinforcement.
 
     He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence", 2024.
+    Implemented from the paper's description (no official code was available to check against); the
+    choices it leaves open are stated below.
 
     Vision-aware head divergence of head :math:`i` in layer :math:`l` at the first generated token
     (the last prompt position):
