@@ -186,6 +186,14 @@ class ModelAdapter:
         """Positions of one new token following the last column of ``position_ids``."""
         return position_ids[..., -1:] + 1
 
+    def run_prompt(self, inputs: Inputs, **kwargs: Any) -> Any:
+        """One forward of whole prompts, positions numbered as ``generate`` numbers them; no cache kept."""
+        inputs = dict(inputs)
+        if inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        position_ids = self.prefill_position_ids(inputs)
+        return self.prefill_module(inputs)(**inputs, position_ids=position_ids, use_cache=False, **kwargs)
+
     def prefill_module(self, inputs: Inputs) -> nn.Module:
         """Module that runs the prompt (image included) of a branch."""
         return self.model

@@ -26,6 +26,7 @@ other's hooks. Attaching and detaching is not thread-safe for one model: do not 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -66,12 +67,31 @@ def fit_keys(tensor: torch.Tensor, keys: int) -> torch.Tensor:
     return torch.cat([tensor, pad], dim=-1)
 
 
+_AUXILIARY = threading.local()
+
+
+@contextmanager
+def auxiliary_forwards() -> Iterator[None]:
+    """Mark the forwards run inside as veridical's own (contrast branches, measurements).
+
+    Hooks still edit them; methods that read the model's *main* forward (VISTA's logits
+    augmentation) skip sequences started here.
+    """
+    _AUXILIARY.depth = getattr(_AUXILIARY, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _AUXILIARY.depth -= 1
+
+
 @dataclass
 class SequenceState:
     """What is known about one sequence (one KV cache) across its forwards."""
 
     #: ``(rows, prompt_len)``: prompt positions that hold image features.
     image_mask: torch.Tensor
+    #: Started by veridical itself (see :func:`auxiliary_forwards`), not by the caller's generate().
+    auxiliary: bool = False
     #: Per-method data decided at prefill, keyed by the hook object.
     store: dict[Any, Any] = field(default_factory=dict)
 
@@ -240,7 +260,7 @@ class _InterceptionState:
                 image_mask = get_adapter(self.model).image_mask(input_ids)
             else:  # embeddings passed in directly, or a cache built outside: no known image tokens
                 image_mask = torch.zeros(rows, past + length, dtype=torch.bool, device=new.device)
-            sequence = SequenceState(image_mask=image_mask)
+            sequence = SequenceState(image_mask=image_mask, auxiliary=getattr(_AUXILIARY, "depth", 0) > 0)
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
         self.current = ForwardContext(sequence=sequence, past=past, rows=rows, valid_keys=valid)

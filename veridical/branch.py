@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from veridical.adapters import Inputs, ModelAdapter
+from veridical.attention import auxiliary_forwards
 from veridical.errors import InputError
 
 
@@ -55,10 +56,8 @@ class Branch:
     @torch.no_grad()
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 ``(rows, vocab)`` logits for the token that follows each row of ``input_ids``."""
-        if self.previous_ids is None:
-            logits = self._prefill(input_ids)
-        else:
-            logits = self._step(input_ids)
+        with auxiliary_forwards():
+            logits = self._prefill(input_ids) if self.previous_ids is None else self._step(input_ids)
         self.previous_ids = input_ids
         return logits
 
@@ -83,6 +82,10 @@ class Branch:
             mask = torch.ones_like(inputs["input_ids"])
             inputs["attention_mask"] = mask
         position_ids = self.adapter.prefill_position_ids(inputs)
+        if "inputs_embeds" in inputs:
+            # Embeddings built by the method (AvisC's masked image tokens): the ids only gave positions.
+            for key in ("input_ids", "mm_token_type_ids", *self.adapter.image_input_keys):
+                inputs.pop(key, None)
         module = self.adapter.prefill_module(inputs)
         out = module(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         self.cache = _output_cache(out)

@@ -4,7 +4,9 @@ Pass an instance to a stock ``model.generate(..., logits_processor=[...])`` or n
 :func:`veridical.generate`.
 """
 
+from veridical.decoders.avisc import AvisC
 from veridical.decoders.contrastive import ContrastiveDecoder
+from veridical.decoders.m3id import M3ID
 from veridical.decoders.vcd import VCD
 
-__all__ = ["VCD", "ContrastiveDecoder"]
+__all__ = ["VCD", "M3ID", "AvisC", "ContrastiveDecoder"]

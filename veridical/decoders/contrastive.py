@@ -23,6 +23,8 @@ class ContrastiveDecoder(LogitsProcessor):
         self.adapter.validate_inputs(inputs)
         self.inputs = inputs
         self._branch: Branch | None = None
+        #: Tokens generated before the current step (0 at the first generated token).
+        self.generated = 0
 
     def contrast_inputs(self) -> Inputs:
         """Inputs of the contrast branch; called once, lazily, at the first generation step."""
@@ -35,6 +37,7 @@ class ContrastiveDecoder(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._branch is None:
             self._branch = Branch(self.adapter, self.contrast_inputs(), self.inputs["input_ids"])
+        self.generated = input_ids.shape[1] - self.inputs["input_ids"].shape[1]
         contrast = self._branch.next_logits(input_ids).to(scores.device)
         # Scores are raw logits under greedy/sampling and log-probabilities under beam search; the
         # log-softmax makes both the same, and is a per-row shift that changes no argmax or sample.

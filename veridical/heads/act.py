@@ -189,11 +189,9 @@ def calibrate_act_heads(
 class _Forward:
     def __init__(self, adapter, inputs: dict[str, Any]):
         self.adapter, self.inputs = adapter, inputs
-        self.position_ids = adapter.prefill_position_ids(inputs)
 
     def __call__(self) -> torch.Tensor:
-        module = self.adapter.prefill_module(self.inputs)
-        return module(**self.inputs, position_ids=self.position_ids, use_cache=False).logits.float()
+        return self.adapter.run_prompt(self.inputs).logits.float()
 
 
 def _teacher_forced(adapter, inputs: Inputs, target: torch.Tensor) -> tuple[_Forward, int]:

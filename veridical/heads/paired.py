@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from veridical.adapters import Inputs, ModelAdapter
-from veridical.attention import AttentionHook, intercept_attention
+from veridical.attention import AttentionHook, auxiliary_forwards, intercept_attention
 
 
 def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -59,7 +59,7 @@ def paired_forward(adapter: ModelAdapter, inputs: Inputs, *hooks: AttentionHook)
     """Run :func:`with_and_without_image` rows once with ``hooks`` attached (no cache kept)."""
     stacked = with_and_without_image(adapter, inputs)
     position_ids = adapter.prefill_position_ids(stacked)
-    with intercept_attention(adapter.model, *hooks):
+    with intercept_attention(adapter.model, *hooks), auxiliary_forwards():
         adapter.prefill_module(stacked)(
             **stacked, position_ids=position_ids, use_cache=False, logits_to_keep=1
         )

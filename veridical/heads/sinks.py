@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
-from veridical.attention import AttentionHook, ForwardContext, intercept_attention
+from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, intercept_attention
 
 #: Published sink dimensions, keyed by (family, text model type, hidden size, layers).
 KNOWN_SINK_DIMS: dict[tuple[str, str, int, int], tuple[int, ...]] = {
@@ -82,9 +82,8 @@ def detect_sink_dims(
         return cached[settings]
     adapter = get_adapter(model)
     recorder = _PeakRecorder(layers, int(adapter.text_config.hidden_size))
-    position_ids = adapter.prefill_position_ids({**inputs, "attention_mask": _mask(inputs)})
-    with intercept_attention(model, recorder):
-        adapter.prefill_module(inputs)(**inputs, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+    with intercept_attention(model, recorder), auxiliary_forwards():
+        adapter.run_prompt(inputs, logits_to_keep=1)
     peak = recorder.peak
     order = torch.argsort(peak, descending=True)[:num_dims]
     median = peak.median().clamp_min(1e-12)
@@ -102,8 +101,3 @@ def detect_sink_dims(
 
 def clear_sink_dims(model: nn.Module) -> None:
     _DETECTED.pop(model, None)
-
-
-def _mask(inputs: Inputs) -> torch.Tensor:
-    mask = inputs.get("attention_mask")
-    return mask if mask is not None else torch.ones_like(inputs["input_ids"])

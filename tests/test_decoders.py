@@ -1,0 +1,177 @@
+"""M3ID and AvisC: first steps against hand formulas from plain forwards, neutral settings, every family."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import veridical
+from veridical import get_adapter
+from veridical.decoders import M3ID, AvisC
+from veridical.errors import MethodSpecError
+
+GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def extended(inputs, tokens):
+    """``inputs`` with ``tokens`` (one per row) appended, as the next plain forward sees them."""
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([inputs["input_ids"], tokens[:, None]], dim=1)
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, None])], dim=1)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros_like(tokens[:, None])], 1
+        )
+    return out
+
+
+def m3id_by_hand(l_c, l_u, t, alpha, lam):
+    gamma = math.exp(-lam * t)
+    unsure = l_c.max(dim=-1, keepdim=True).values < math.log(alpha)
+    return torch.where(unsure, l_c + (1 - gamma) / gamma * (l_c - l_u), l_c)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_m3id_two_steps_equal_the_formula(tiny_models, family, last_logits):
+    from veridical.tiny import tiny_inputs
+
+    model, processor = tiny_models(family)
+    inputs = tiny_inputs(family, processor, ["describe this image in detail please", "what is this ?"])
+    alpha, lam = 0.9, 0.5  # random models are unsure everywhere: alpha 0.9 keeps the gate open
+    out = veridical.generate(
+        model, inputs, methods=[M3ID(model, inputs, alpha=alpha, lam=lam)], max_new_tokens=2, **GREEDY
+    )
+    text_only = get_adapter(model).without_image(inputs)
+    first = out.sequences[:, inputs["input_ids"].shape[1]]
+    steps = [(inputs, text_only), (extended(inputs, first), extended(text_only, first))]
+    for t, (with_image, without_image) in enumerate(steps, start=1):
+        l_c = torch.log_softmax(last_logits(model, with_image), -1)
+        l_u = torch.log_softmax(last_logits(model, without_image), -1)
+        expected = torch.log_softmax(m3id_by_hand(l_c, l_u, t, alpha, lam), -1)
+        torch.testing.assert_close(out.scores[t - 1], expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(expected, l_c, atol=1e-3)
+
+
+def test_m3id_gate_leaves_confident_rows_alone(model_and_inputs, last_logits):
+    model, _, inputs = model_and_inputs
+    out = veridical.generate(
+        model, inputs, methods=[{"name": "m3id", "alpha": 1e-6}], max_new_tokens=1, **GREEDY
+    )
+    torch.testing.assert_close(
+        out.scores[0], torch.log_softmax(last_logits(model, inputs), -1), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_m3id_avisc_variant_has_no_gate_and_a_cutoff(llava, last_logits):
+    model, inputs = llava
+    out = veridical.generate(
+        model, inputs, methods=[{"name": "m3id", "variant": "avisc", "beta": 0.9}], max_new_tokens=1, **GREEDY
+    )
+    l_c = torch.log_softmax(last_logits(model, inputs), -1)
+    l_u = torch.log_softmax(last_logits(model, get_adapter(model).without_image(inputs)), -1)
+    gamma = math.exp(-0.02)
+    expected = l_c + (1 - gamma) / gamma * (l_c - l_u)
+    expected[l_c < math.log(0.9) + l_c.max(-1, keepdim=True).values] = -math.inf
+    assert torch.isinf(expected).any()
+    assert torch.equal(torch.isinf(out.scores[0]), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(
+        out.scores[0][finite], torch.log_softmax(expected, -1)[finite], atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.fixture
+def llava(tiny_models, questions):
+    from veridical.tiny import tiny_inputs
+
+    model, processor = tiny_models("llava")
+    return model, tiny_inputs("llava", processor, questions)
+
+
+def test_avisc_first_step_equals_the_rule_from_plain_forwards(llava, last_logits):
+    model, inputs = llava
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = eager(**inputs, position_ids=positions, output_attentions=True, output_hidden_states=True)
+    image = get_adapter(model).image_mask(inputs["input_ids"])
+    embeddings = plain.hidden_states[0].clone()
+    blind_counts = []
+    for b in range(2):
+        cols = image[b].nonzero().flatten()
+        per_layer = torch.stack([a[b].mean(0)[-1, cols] for a in plain.attentions])  # (layers, image tokens)
+        share = per_layer.sum(-1) / per_layer.sum()
+        order = share.argsort(descending=True)
+        running, chosen = 0.0, []
+        for layer in order.tolist():  # layers until the running share reaches 0.5, the last one included
+            chosen.append(layer)
+            running += float(share[layer])
+            if running >= 0.5:
+                break
+        tokens = per_layer[chosen].mean(0)
+        blind = tokens >= tokens.mean() + tokens.std()
+        blind_counts.append(int(blind.sum()))
+        embeddings[b, cols[~blind]] = 0
+    assert all(0 < n < int(image[0].sum()) for n in blind_counts)
+    with torch.no_grad():
+        blind_logits = model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions).logits[
+            :, -1
+        ]
+    l_v = last_logits(model, inputs)
+    expected = 2 * l_v - blind_logits.float()
+    expected[l_v < math.log(0.1) + l_v.max(-1, keepdim=True).values] = -math.inf
+    method = AvisC(model, inputs)
+    out = veridical.generate(model, inputs, methods=[method], max_new_tokens=1, **GREEDY)
+    assert method.blind.sum(-1).tolist() == blind_counts
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(out.scores[0]), finite)
+    torch.testing.assert_close(
+        out.scores[0][finite], torch.log_softmax(expected, -1)[finite], atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "m3id", "lam": 0.0},
+        {"name": "m3id", "alpha": 0.0},
+        {"name": "avisc", "alpha": 0.0, "beta": 0.0},
+    ],
+)
+def test_neutral_settings_reproduce_vanilla(model_and_inputs, spec):
+    model, _, inputs = model_and_inputs
+    vanilla = veridical.generate(model, inputs, max_new_tokens=3, **GREEDY)
+    neutral = veridical.generate(model, inputs, methods=[spec], max_new_tokens=3, **GREEDY)
+    assert torch.equal(neutral.sequences, vanilla.sequences)
+    for got, want in zip(neutral.scores, vanilla.scores, strict=True):
+        torch.testing.assert_close(got, torch.log_softmax(want, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["m3id", {"name": "m3id", "variant": "avisc"}, "avisc"])
+def test_every_family_every_search_and_with_a_head_method(model_and_inputs, spec):
+    model, _, inputs = model_and_inputs
+    prompt = inputs["input_ids"].shape[1]
+    for kwargs in (dict(do_sample=False), dict(do_sample=True, top_k=0), dict(num_beams=2, do_sample=False)):
+        for heads in ([], ["pai"]):
+            torch.manual_seed(0)
+            out = veridical.generate(model, inputs, methods=[spec, *heads], max_new_tokens=3, **kwargs)
+            assert out.shape == (2, prompt + 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "m3id", "alpha": 2}, "alpha"),
+        ({"name": "m3id", "lam": -1}, "lam"),
+        ({"name": "m3id", "variant": "x"}, "variant"),
+        ({"name": "avisc", "gamma": 0}, "gamma"),
+        ({"name": "avisc", "beta": 3}, "beta"),
+    ],
+)
+def test_bad_hyperparameters_are_named(llava, spec, message):
+    model, inputs = llava
+    with pytest.raises(MethodSpecError, match=message):
+        veridical.generate(model, inputs, methods=[spec], max_new_tokens=1)

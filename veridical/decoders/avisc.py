@@ -1,0 +1,119 @@
+"""AvisC: attentional vision calibration."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from veridical.adapters import Inputs
+from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, intercept_attention
+from veridical.decoders.contrastive import ContrastiveDecoder, plausibility_mask
+from veridical.errors import MethodSpecError
+from veridical.registry import register_method
+
+
+def top_share_layers(share: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Indices of the layers with the largest ``share`` (sums to 1) until ``gamma`` of it is covered.
+
+    As the official ``count_top_p``: ``k`` = number of sorted shares whose running sum stays below
+    ``gamma``, plus one.
+    """
+    ordered = torch.sort(share, descending=True).values
+    k = int((torch.cumsum(ordered, dim=0) < gamma).sum()) + 1
+    return torch.topk(share, min(k, share.numel())).indices
+
+
+class _PromptProbe(AttentionHook):
+    """On the prompt: each layer's head-mean attention of the last query, and the input embeddings."""
+
+    observes_layer_inputs = True
+
+    def __init__(self) -> None:
+        self.last_query: dict[int, torch.Tensor] = {}
+        self.embeddings: torch.Tensor | None = None
+
+    def observe_layer_input(self, layer_idx: int, hidden: torch.Tensor, context: ForwardContext) -> None:
+        if layer_idx == 0:
+            self.embeddings = hidden.detach().clone()
+
+    def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        self.last_query[module.layer_idx] = weights[:, :, -1, :].mean(dim=1).float()
+        return weights
+
+
+@register_method("avisc")
+class AvisC(ContrastiveDecoder):
+    r"""Attentional Vision Calibration.
+
+    Woo et al., "Don't Miss the Forest for the Trees: Attentional Vision Calibration for Large Vision
+    Language Models", 2024; official code sangminwoo/AvisC (``avisc_utils/avisc_sample.py``).
+
+    On the prompt, with :math:`a_l` the head-mean attention of the last query in layer :math:`l`:
+
+    1. each layer's share of image attention :math:`s_l = \sum_{j \in \text{img}} a_{l,j}`, normalised
+       over layers; keep the top layers until ``gamma`` (0.5) of it is covered (plus one, as the code);
+    2. per image token, its mean attention over those layers; *blind* tokens are those at or above
+       mean + ``lam`` (1.0) x std over the image tokens (unbiased std, as ``torch.std``);
+    3. a contrast branch where every non-blind image token's input embedding is zeroed, so it sees
+       the image only through the blind tokens;
+    4. :math:`(1 + \alpha)\,l - \alpha\,l_{\text{blind}}` with VCD's cutoff ``beta`` (0.1) on the
+       main logits; ``alpha = 1``, sampling at temperature 1 as the official scripts.
+
+    Image positions come from the adapter (the official code hard-codes LLaVA's 35..610 and
+    InstructBLIP's 0..31), and the statistics are per prompt (the code pools a batch). Finding the
+    blind tokens costs one extra prompt forward with eager attention, at the first step.
+
+    Args:
+        alpha: contrast strength; 0 keeps the plausibility cutoff only.
+        beta: plausibility cutoff.
+        gamma: share of image attention covered by the selected layers.
+        lam: blind-token threshold in standard deviations above the mean.
+    """
+
+    generation_defaults: ClassVar[dict] = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        gamma: float = 0.5,
+        lam: float = 1.0,
+    ):
+        super().__init__(model, inputs)
+        if alpha < 0:
+            raise MethodSpecError(f"AvisC alpha must be >= 0, got {alpha}")
+        if not 0 <= beta <= 1:
+            raise MethodSpecError(f"AvisC beta must be in [0, 1], got {beta}")
+        if not 0 < gamma <= 1:
+            raise MethodSpecError(f"AvisC gamma must be in (0, 1], got {gamma}")
+        self.alpha, self.beta, self.gamma, self.lam = alpha, beta, gamma, lam
+        self.blind: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def contrast_inputs(self) -> Inputs:
+        probe = _PromptProbe()
+        with intercept_attention(self.adapter.model, probe), auxiliary_forwards():
+            self.adapter.run_prompt(self.inputs, logits_to_keep=1)
+        image = self.adapter.image_mask(self.inputs["input_ids"])
+        attention = torch.stack([probe.last_query[i] for i in sorted(probe.last_query)], dim=1)  # (B, L, P)
+        self.blind = torch.zeros_like(image)
+        for row in range(image.shape[0]):
+            columns = image[row].nonzero().flatten()
+            per_layer = attention[row][:, columns]  # (L, image tokens)
+            share = per_layer.sum(dim=-1)
+            layers = top_share_layers(share / share.sum(), self.gamma)
+            token_attention = per_layer[layers].mean(dim=0)
+            threshold = token_attention.mean() + self.lam * token_attention.std()
+            self.blind[row, columns] = token_attention >= threshold
+        embeddings = probe.embeddings.clone()
+        embeddings[image & ~self.blind] = 0
+        return {**self.inputs, "inputs_embeds": embeddings}
+
+    def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
+        scores = (1 + self.alpha) * log_probs - self.alpha * contrast_log_probs
+        scores = scores.masked_fill(plausibility_mask(log_probs, self.beta), float("-inf"))
+        return torch.log_softmax(scores, dim=-1)

@@ -1,0 +1,82 @@
+"""M3ID: Multi-Modal Mutual-Information Decoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from veridical.adapters import Inputs
+from veridical.contrast import contrast_inputs
+from veridical.decoders.contrastive import ContrastiveDecoder, plausibility_mask
+from veridical.errors import MethodSpecError
+from veridical.registry import register_method
+
+VARIANTS = ("paper", "avisc")
+
+
+@register_method("m3id")
+class M3ID(ContrastiveDecoder):
+    r"""Multi-Modal Mutual-Information Decoding.
+
+    Favero et al., "Multi-Modal Hallucination Control by Visual Information Grounding", CVPR 2024
+    (no official code). With :math:`l_c` and :math:`l_u` the log-softmax of the next-token logits
+    with and without the image, and :math:`t = 1` at the first generated token,
+
+    .. math::
+        \gamma_t = e^{-\lambda t}, \qquad
+        l = l_c + \mathbb{1}\left[\max_y l_c < \log\alpha\right]\,\frac{1 - \gamma_t}{\gamma_t}\,(l_c - l_u).
+
+    The correction grows as generation goes on (the image's pull fades with distance) and is applied
+    only where the model is unsure (top probability below ``alpha``). Defaults are the paper's:
+    ``alpha=0.3, lam=0.02``, greedy decoding.
+
+    ``variant="avisc"`` is the M3ID of the AvisC code base (sangminwoo/AvisC, ``avisc_sample.py``),
+    used as a baseline there: no confidence gate, VCD's plausibility cutoff ``beta`` (0.1) on the
+    image logits, and sampling (pass ``do_sample=True``). The image-free branch is the prompt with the
+    image tokens removed (:func:`veridical.contrast.contrast_inputs` ``"no_image"``).
+
+    Args:
+        alpha: confidence gate; the correction applies where ``max p < alpha`` (0 never applies it).
+        lam: decay rate of :math:`\gamma_t`; 0 makes the correction vanish.
+        variant: ``"paper"`` or ``"avisc"``.
+        beta: plausibility cutoff of the ``"avisc"`` variant.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        alpha: float = 0.3,
+        lam: float = 0.02,
+        variant: str = "paper",
+        beta: float = 0.1,
+    ):
+        super().__init__(model, inputs)
+        if not 0 <= alpha <= 1:
+            raise MethodSpecError(f"M3ID alpha must be in [0, 1], got {alpha}")
+        if lam < 0:
+            raise MethodSpecError(f"M3ID lam must be >= 0, got {lam}")
+        if variant not in VARIANTS:
+            raise MethodSpecError(f"M3ID variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if not 0 <= beta <= 1:
+            raise MethodSpecError(f"M3ID beta must be in [0, 1], got {beta}")
+        self.alpha, self.lam, self.variant, self.beta = alpha, lam, variant, beta
+
+    def contrast_inputs(self) -> Inputs:
+        return contrast_inputs(self.adapter, self.inputs, "no_image")
+
+    def weight(self) -> float:
+        """:math:`(1 - \\gamma_t) / \\gamma_t` at the current step."""
+        gamma = math.exp(-self.lam * (self.generated + 1))
+        return (1 - gamma) / gamma
+
+    def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
+        scores = log_probs + self.weight() * (log_probs - contrast_log_probs)
+        if self.variant == "avisc":
+            scores = scores.masked_fill(plausibility_mask(log_probs, self.beta), float("-inf"))
+        else:
+            unsure = log_probs.amax(dim=-1, keepdim=True) < math.log(max(self.alpha, 1e-45))
+            scores = torch.where(unsure, scores, log_probs)
+        return torch.log_softmax(scores, dim=-1)
