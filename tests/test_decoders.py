@@ -8,7 +8,7 @@ import torch
 
 import veridical
 from veridical import get_adapter
-from veridical.decoders import M3ID, AvisC
+from veridical.decoders import M3ID, VISTA, AvisC
 from veridical.errors import MethodSpecError
 
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -150,7 +150,7 @@ def test_neutral_settings_reproduce_vanilla(model_and_inputs, spec):
         torch.testing.assert_close(got, torch.log_softmax(want, -1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["m3id", {"name": "m3id", "variant": "avisc"}, "avisc"])
+@pytest.mark.parametrize("spec", ["m3id", {"name": "m3id", "variant": "avisc"}, "avisc", "vista"])
 def test_every_family_every_search_and_with_a_head_method(model_and_inputs, spec):
     model, _, inputs = model_and_inputs
     prompt = inputs["input_ids"].shape[1]
@@ -169,9 +169,99 @@ def test_every_family_every_search_and_with_a_head_method(model_and_inputs, spec
         ({"name": "m3id", "variant": "x"}, "variant"),
         ({"name": "avisc", "gamma": 0}, "gamma"),
         ({"name": "avisc", "beta": 3}, "beta"),
+        ({"name": "vista", "lam": -1}, "lam"),
+        ({"name": "vista", "logits_layers": [0]}, "hidden-state"),
     ],
 )
 def test_bad_hyperparameters_are_named(llava, spec, message):
     model, inputs = llava
     with pytest.raises(MethodSpecError, match=message):
         veridical.generate(model, inputs, methods=[spec], max_new_tokens=1)
+
+
+# -- VISTA ---------------------------------------------------------------------------------------------
+
+
+def hidden_states(model, inputs):
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        return model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
+
+
+def test_vista_steering_vectors_are_image_minus_no_image_layer_outputs(llava):
+    model, inputs = llava
+    method = VISTA(model, inputs)
+    method.prepare()
+    with_image = torch.stack(hidden_states(model, inputs).hidden_states[1:], 1)[:, :, -1]
+    text_only = get_adapter(model).without_image(inputs)
+    without_image = torch.stack(hidden_states(model, text_only).hidden_states[1:], 1)[:, :, -1]
+    torch.testing.assert_close(method.vectors, (with_image - without_image).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_vista_steers_every_mlp_output_by_the_formula(llava):
+    model, inputs = llava
+    method = VISTA(model, inputs, lam=0.4, logits_alpha=0.0)
+    method.prepare()  # the steering vectors' own forward stays out of the record
+    mlp = get_adapter(model).layers[1].mlp
+    seen = {}
+
+    def record(key):
+        def hook(module, args, output):
+            seen[key] = output.detach().clone()
+
+        return hook
+
+    first = mlp.register_forward_hook(record("before"))
+    try:
+        with method:
+            last = mlp.register_forward_hook(record("after"))
+            try:
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    x, v = seen["before"].double(), method.vectors[:, 1].double()[:, None, :]
+    cos = (x * -v).sum(-1) / (x.norm(dim=-1) * v.norm(dim=-1))
+    push = 0.4 * (1 + cos.clamp(min=0))[..., None] * v / v.norm(dim=-1, keepdim=True)
+    direction = x / x.norm(dim=-1, keepdim=True) + push
+    expected = direction / direction.norm(dim=-1, keepdim=True) * x.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(seen["after"].double(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen["after"], seen["before"], atol=1e-3)
+
+
+def early_logits(model, inputs, window):
+    states = hidden_states(model, inputs).hidden_states
+    lm_head = model.get_output_embeddings()
+    with torch.no_grad():
+        return torch.stack([lm_head(states[i][:, -1]) for i in window]).mean(0).float()
+
+
+def test_vista_logits_augmentation_equals_the_formula(llava, last_logits):
+    model, inputs = llava
+    method = VISTA(model, inputs, lam=0.0)
+    assert method.augmentation.layers == [3]  # indices 25..30 of 32 on a 4-layer decoder
+    out = veridical.generate(model, inputs, methods=[method], max_new_tokens=1, **GREEDY)
+    final = torch.log_softmax(last_logits(model, inputs), -1)
+    expected = torch.log_softmax(0.7 * final + 0.3 * early_logits(model, inputs, [3]), -1)
+    torch.testing.assert_close(out.scores[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vista_augmentation_reads_the_main_forward_not_a_contrast_branch(llava):
+    model, inputs = llava
+    vcd = {"name": "vcd", "contrast": "no_image"}
+    alone = veridical.generate(model, inputs, methods=[vcd], max_new_tokens=1, **GREEDY).scores[0]
+    stacked = veridical.generate(
+        model, inputs, methods=[vcd, {"name": "vista", "lam": 0.0}], max_new_tokens=1, **GREEDY
+    ).scores[0]
+    expected = torch.log_softmax(0.7 * alone + 0.3 * early_logits(model, inputs, [3]), -1)
+    finite = torch.isfinite(alone)
+    torch.testing.assert_close(stacked[finite], expected[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_eval_uses_vistas_yes_no_strength_on_pope_unless_set():
+    from veridical.evals.runner import benchmark_methods
+
+    assert benchmark_methods("pope", ["vista", "vcd"]) == [{"name": "vista", "lam": 0.01}, "vcd"]
+    assert benchmark_methods("pope", [{"name": "vista", "lam": 0.2}]) == [{"name": "vista", "lam": 0.2}]
+    assert benchmark_methods("chair", ["vista"]) == ["vista"]

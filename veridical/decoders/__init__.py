@@ -8,5 +8,6 @@ from veridical.decoders.avisc import AvisC
 from veridical.decoders.contrastive import ContrastiveDecoder
 from veridical.decoders.m3id import M3ID
 from veridical.decoders.vcd import VCD
+from veridical.decoders.vista import VISTA
 
-__all__ = ["VCD", "M3ID", "AvisC", "ContrastiveDecoder"]
+__all__ = ["VCD", "M3ID", "AvisC", "VISTA", "ContrastiveDecoder"]

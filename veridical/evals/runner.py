@@ -21,7 +21,7 @@ import platform
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,6 +86,24 @@ def resolve_generation(benchmark: str, methods: Sequence[Any], overrides: dict[s
     return settings
 
 
+def benchmark_methods(benchmark: str, methods: Sequence[Any]) -> list[Any]:
+    """Methods with their official per-benchmark settings (VISTA's ``lam`` on POPE) where unset."""
+    out = []
+    for spec in methods:
+        if not isinstance(spec, (str, dict)):
+            out.append(spec)
+            continue
+        per_benchmark = getattr(method_class(method_name(spec)), "benchmark_hyperparameters", {})
+        defaults = per_benchmark.get(benchmark, {})
+        if not defaults:
+            out.append(spec)
+        elif isinstance(spec, str):
+            out.append({"name": spec, **defaults})
+        else:
+            out.append({"name": spec["name"], **defaults, **{k: v for k, v in spec.items() if k != "name"}})
+    return out
+
+
 def resolved_methods(methods: Sequence[Any]) -> list[dict[str, Any]]:
     """Each method with all its hyper-parameters (defaults filled in), for the results file."""
     out = []
@@ -114,6 +132,7 @@ def run_eval(
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """Run (or resume) ``config`` into ``output_dir``; returns the results on rank 0, None elsewhere."""
+    config = replace(config, methods=benchmark_methods(config.benchmark, config.methods))
     state = _state()
     out = Path(output_dir)
     config_file = out / "config.json"
