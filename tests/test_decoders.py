@@ -8,7 +8,8 @@ import torch
 
 import veridical
 from veridical import get_adapter
-from veridical.decoders import M3ID, VISTA, AvisC
+from veridical.decoders import M3ID, OPERA, VISTA, AvisC
+from veridical.decoders.opera import column_scores
 from veridical.errors import MethodSpecError
 
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -171,6 +172,8 @@ def test_every_family_every_search_and_with_a_head_method(model_and_inputs, spec
         ({"name": "avisc", "beta": 3}, "beta"),
         ({"name": "vista", "lam": -1}, "lam"),
         ({"name": "vista", "logits_layers": [0]}, "hidden-state"),
+        ({"name": "opera", "num_candidates": 0}, "num_candidates"),
+        ({"name": "opera", "preset": "slow"}, "preset"),
     ],
 )
 def test_bad_hyperparameters_are_named(llava, spec, message):
@@ -265,3 +268,98 @@ def test_eval_uses_vistas_yes_no_strength_on_pope_unless_set():
     assert benchmark_methods("pope", ["vista", "vcd"]) == [{"name": "vista", "lam": 0.01}, "vcd"]
     assert benchmark_methods("pope", [{"name": "vista", "lam": 0.2}]) == [{"name": "vista", "lam": 0.2}]
     assert benchmark_methods("chair", ["vista"]) == ["vista"]
+
+
+# -- OPERA -----------------------------------------------------------------------------------------------
+
+BEAMS = dict(num_beams=3, max_new_tokens=6, do_sample=False)
+
+
+def test_opera_without_penalty_or_rollback_is_plain_beam_search(model_and_inputs):
+    model, _, inputs = model_and_inputs
+    vocab = model.get_output_embeddings().weight.shape[0]
+    neutral = OPERA(
+        model, inputs, penalty_weight=0.0, num_candidates=vocab, threshold=10**6, image_reward_tokens=0
+    )
+    ours = veridical.generate(model, inputs, methods=[neutral], **BEAMS)
+    assert torch.equal(ours, model.generate(**inputs, **BEAMS))
+    assert not neutral.rollbacks
+
+
+def test_opera_column_scores_are_products_down_each_column():
+    local = torch.tril(torch.rand(2, 5, 5) * 3)
+    got = column_scores(local)
+    for b in range(2):
+        for j in range(5):
+            want = 1e-7 * math.prod(float(local[b, i, j]) for i in range(j, 5))
+            assert math.isclose(float(got[b, j]), want, rel_tol=1e-5)
+
+
+def test_opera_first_step_rewards_image_attention_of_each_candidate(llava):
+    model, inputs = llava
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    method = OPERA(model, inputs, num_candidates=3)
+    veridical.generate(model, inputs, methods=[method], num_beams=2, max_new_tokens=2, do_sample=False)
+    adapter = get_adapter(model)
+    for b, sample in enumerate(adapter.split_inputs(inputs)):
+        with torch.no_grad():
+            logits = model(**sample).logits[0, -1].float()
+        values, tokens = logits.topk(3)
+        expected = torch.full_like(logits, -999.0)
+        image = adapter.image_mask(sample["input_ids"])[0]
+        for value, token in zip(values, tokens, strict=True):
+            longer = extended(sample, token[None])
+            with torch.no_grad():
+                attention = eager(**longer, output_attentions=True).attentions[-1][0, :, -1].amax(0)
+            attention = attention / attention.sum()
+            expected[token] = value + attention[: len(image)][image].sum()  # penalty = -image attention
+        got = method.step_scores[b][0]
+        torch.testing.assert_close(got[0], torch.log_softmax(expected, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_opera_rollback_when_forced_restores_state_per_prompt(model_and_inputs):
+    """threshold 0 and rollback_start 0 make retrospection fire; each prompt rolls back on its own."""
+    model, _, inputs = model_and_inputs
+    settings = dict(threshold=0, rollback_start=0, image_reward_tokens=0, max_rollbacks=2)
+    method = OPERA(model, inputs, **settings)
+    batch = veridical.generate(
+        model, inputs, methods=[method], num_beams=3, max_new_tokens=8, do_sample=False
+    )
+    prompt = inputs["input_ids"].shape[1]
+    adapter = get_adapter(model)
+    for b, sample in enumerate(adapter.split_inputs(inputs)):
+        alone = OPERA(model, sample, **settings)
+        out = veridical.generate(
+            model, sample, methods=[alone], num_beams=3, max_new_tokens=8, do_sample=False
+        )
+        generated = out[0, sample["input_ids"].shape[1] :]
+        assert torch.equal(batch[b, prompt : prompt + len(generated)], generated)
+        assert [r[1:] for r in method.rollbacks if r[0] == b] == [r[1:] for r in alone.rollbacks]
+    if model.config.model_type != "llava_next":  # its long prompt gives no repeated argmax column here
+        assert method.rollbacks
+    for _, step, target in method.rollbacks:
+        assert 0 <= target < step
+    per_position: dict = {}
+    for prompt_index, _, target in method.rollbacks:
+        per_position[(prompt_index, target)] = per_position.get((prompt_index, target), 0) + 1
+    assert max(per_position.values(), default=0) <= 2
+
+
+def test_opera_fast_preset_and_head_methods(llava):
+    model, inputs = llava
+    fast = OPERA(model, inputs, preset="fast")
+    assert (fast.threshold, fast.num_candidates) == (25, 1)
+    out = veridical.generate(model, inputs, methods=["opera", "vhr"], **BEAMS)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
+    with pytest.raises(MethodSpecError, match="own generation loop"):
+        veridical.generate(model, inputs, methods=["opera", "opera"], **BEAMS)
+    with pytest.raises(MethodSpecError, match="VCD"):
+        veridical.generate(model, inputs, methods=["opera", "vcd"], **BEAMS)
+    for head in ("paint", "var", "act", "pai", {"name": "vista", "logits_alpha": 0.0}):
+        out = veridical.generate(model, inputs, methods=["opera", head], **BEAMS)
+        assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
+    with pytest.raises(MethodSpecError, match="logits_alpha=0"):
+        veridical.generate(model, inputs, methods=["opera", "vista"], **BEAMS)
+    with pytest.raises(MethodSpecError, match="do_sample"):
+        veridical.generate(model, inputs, methods=["opera"], num_beams=2, do_sample=True)

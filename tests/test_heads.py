@@ -295,7 +295,7 @@ class ScaleHeads(AttentionHook):
         self.layers, self.scales = [layer], scales
 
     def edit_outputs(self, module, outputs, context):
-        return outputs * context.per_row(self.scales)[:, None, :, None]
+        return outputs * context.per_prompt(self.scales)[:, None, :, None]
 
 
 def last_head_outputs(model, inputs, layer, *hooks):

@@ -90,6 +90,28 @@ class ModelAdapter:
     def batch_size(self, inputs: Inputs) -> int:
         return int(inputs["input_ids"].shape[0])
 
+    def split_inputs(self, inputs: Inputs) -> list[dict[str, Any]]:
+        """One input dict per prompt, left padding removed, each with its own images."""
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        images_per_row = [len(spans) for spans in self.image_spans(input_ids)]
+        per_token = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape[:2] == input_ids.shape]
+        samples, first_image = [], 0
+        for row, count in enumerate(images_per_row):
+            keep = mask[row].bool()
+            sample = {k: inputs[k][row : row + 1][:, keep] for k in per_token}
+            sample["attention_mask"] = torch.ones_like(sample["input_ids"])
+            sample.update(self._images_of(inputs, row, first_image, first_image + count))
+            samples.append(sample)
+            first_image += count
+        return samples
+
+    def _images_of(self, inputs: Inputs, row: int, first: int, last: int) -> dict[str, Any]:
+        """The image tensors of images ``first..last-1`` (prompt ``row``)."""
+        return {k: inputs[k][first:last] for k in self.image_input_keys if inputs.get(k) is not None}
+
     # -- text decoder -------------------------------------------------------------------------
     @property
     def text_model(self) -> nn.Module:
@@ -231,6 +253,13 @@ class Qwen2VLAdapter(ModelAdapter):
         out["pixel_values"] = first.expand_as(grid).reshape(pixels.shape).contiguous()
         return out
 
+    def _images_of(self, inputs: Inputs, row: int, first: int, last: int) -> dict[str, Any]:
+        # Pixels are flattened patches of all images together: each image has prod(grid) rows.
+        grid = inputs["image_grid_thw"]
+        patches = grid.prod(dim=-1).cumsum(0).tolist()
+        start, end = ([0, *patches][first], [0, *patches][last])
+        return {"pixel_values": inputs["pixel_values"][start:end], "image_grid_thw": grid[first:last]}
+
     def prefill_position_ids(self, inputs: Inputs) -> torch.Tensor:
         if inputs.get("image_grid_thw") is None:
             return super().prefill_position_ids(inputs).unsqueeze(0).expand(3, -1, -1)
@@ -268,6 +297,14 @@ class InstructBlipAdapter(ModelAdapter):
     @property
     def text_model(self) -> nn.Module:
         return self.model.language_model.model
+
+    def _images_of(self, inputs: Inputs, row: int, first: int, last: int) -> dict[str, Any]:
+        # The Q-Former's instruction tokens belong to the prompt row, not to an image.
+        out = {"pixel_values": inputs["pixel_values"][first:last]}
+        for key in ("qformer_input_ids", "qformer_attention_mask"):
+            if inputs.get(key) is not None:
+                out[key] = inputs[key][row : row + 1]
+        return out
 
     def prefill_module(self, inputs: Inputs) -> nn.Module:
         return self.model if "pixel_values" in inputs else self.model.language_model

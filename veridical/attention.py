@@ -47,6 +47,38 @@ _HOOKS = "_veridical_hooks"
 _STATE = "_veridical_attention_state"
 
 
+_PROMPTS = threading.local()
+
+
+@contextmanager
+def running_prompts(indices: list[int]) -> Iterator[None]:
+    """Forwards inside run only these prompts of the batch a method was built for (OPERA decodes one
+    prompt at a time): per-prompt method state is taken for them alone."""
+    previous = getattr(_PROMPTS, "indices", None)
+    _PROMPTS.indices = list(indices)
+    try:
+        yield
+    finally:
+        _PROMPTS.indices = previous
+
+
+def prompt_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-prompt tensor for the ``rows`` of the running forward (see :func:`running_prompts`)."""
+    indices = getattr(_PROMPTS, "indices", None)
+    if indices is not None:
+        tensor = tensor[indices]
+    return expand_rows(tensor, rows)
+
+
+def prompt_of_rows(prompts: int, rows: int) -> list[int] | None:
+    """The prompt index of each row of the running forward, or ``None`` if the rows do not fit."""
+    indices = getattr(_PROMPTS, "indices", None) or list(range(prompts))
+    if rows % len(indices):
+        return None
+    per_prompt = rows // len(indices)
+    return [indices[row // per_prompt] for row in range(rows)]
+
+
 def expand_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """``tensor`` (first dim = prompts) repeated for ``rows`` rows, as generate expands beams."""
     if tensor.shape[0] == rows:
@@ -125,8 +157,12 @@ class ForwardContext:
         return torch.arange(self.past, self.past + queries, device=device)
 
     def per_row(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A per-prompt tensor expanded to this forward's rows."""
+        """A tensor kept for this sequence (one row per prompt row at prefill) expanded to its rows."""
         return expand_rows(tensor, self.rows)
+
+    def per_prompt(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A per-prompt tensor of the batch a method was built for, for this forward's rows."""
+        return prompt_rows(tensor, self.rows)
 
 
 class AttentionHook:

@@ -23,13 +23,13 @@ from veridical.attention import auxiliary_forwards
 from veridical.errors import InputError
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
+def cache_kwarg(module: torch.nn.Module) -> str:
     # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning).
     params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(output: Any) -> Any:
+def output_cache(output: Any) -> Any:
     # InstructBLIP nests the language model's output; older transformers 5 releases name it past_key_values.
     output = getattr(output, "language_model_outputs", None) or output
     cache = getattr(output, "cache", None)
@@ -88,7 +88,7 @@ class Branch:
                 inputs.pop(key, None)
         module = self.adapter.prefill_module(inputs)
         out = module(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        self.cache = _output_cache(out)
+        self.cache = output_cache(out)
         logits = out.logits[:, -1, :].float()
         self.attention_mask = mask
         self.position_ids = self.adapter.next_position_ids(position_ids) - 1
@@ -114,7 +114,7 @@ class Branch:
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new_tokens)], dim=1)
         self.position_ids = self.position_ids + 1
         module = self.adapter.decode_module()
-        kwargs = {_cache_kwarg(module): self.cache}
+        kwargs = {cache_kwarg(module): self.cache}
         out = module(
             input_ids=new_tokens,
             attention_mask=self.attention_mask,

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from transformers import LogitsProcessor
 
 from veridical.adapters import Inputs
-from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, expand_rows
+from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, prompt_rows
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, scale_index
 from veridical.heads.paired import with_and_without_image
@@ -46,6 +46,8 @@ class _SelfLogits(AttentionHook, LogitsProcessor):
 
     observes_layer_inputs = True
     needs_weights = False
+    #: Reads the hidden states of the forward that produced the scores (OPERA refuses it).
+    reads_model_forward = True
 
     def __init__(self, lm_head: nn.Module, layers: list[int], weight: float):
         self.lm_head, self.layers, self.weight = lm_head, layers, weight
@@ -155,7 +157,7 @@ class VISTA(HeadMethod):
 
     def _steer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            vectors = expand_rows(self.vectors[:, layer], output.shape[0]).to(output.device)
+            vectors = prompt_rows(self.vectors[:, layer], output.shape[0]).to(output.device)
             return steer(output, vectors, self.lam)
 
         return hook

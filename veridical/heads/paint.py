@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from veridical.adapters import Inputs
-from veridical.attention import AttentionHook, ForwardContext, fit_keys
+from veridical.attention import AttentionHook, ForwardContext, fit_keys, prompt_of_rows
 from veridical.errors import InputError, MethodSpecError
 from veridical.heads.pai import PAI
 from veridical.heads.paired import last_token_head_outputs, paired_forward
@@ -139,13 +139,10 @@ class PAINT(PAI):
 
     def _scatter(self, image_keys: torch.Tensor) -> torch.Tensor:
         """Each row's token weights onto its image positions (rows of another layout get none)."""
-        rows = image_keys.shape[0]
         weights = torch.zeros(image_keys.shape, dtype=torch.float32, device=image_keys.device)
-        if rows % self.prompts:
-            return weights
-        per_prompt = rows // self.prompts
-        for row in range(rows):
-            row_weights = self.token_weights[row // per_prompt]
+        prompts = prompt_of_rows(self.prompts, image_keys.shape[0])
+        for row, prompt in enumerate(prompts or []):
+            row_weights = self.token_weights[prompt]
             if int(image_keys[row].sum()) == len(row_weights):  # not a contrast branch without image
                 weights[row, image_keys[row]] = row_weights.to(weights.device)
         return weights
@@ -153,7 +150,7 @@ class PAINT(PAI):
     def head_weights(self, layer: int, context: ForwardContext) -> torch.Tensor | None:
         if self.head_factors is None:
             return None
-        return context.per_row(self.head_factors[:, layer])
+        return context.per_prompt(self.head_factors[:, layer])
 
 
 class _Sensitivity(AttentionHook):

@@ -121,7 +121,7 @@ class VHR(HeadMethod):
         scales = self.head_scales[:, module.layer_idx]
         if scales.shape[0] == 1:
             scales = scales.expand(self.prompts, -1)
-        scales = context.per_row(scales).to(outputs.device, outputs.dtype)
+        scales = context.per_prompt(scales).to(outputs.device, outputs.dtype)
         return outputs * scales[:, None, :, None]
 
 

@@ -1,0 +1,513 @@
+"""OPERA: over-trust penalty and retrospection-allocation beam search."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import LogitsProcessorList
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+)
+
+from veridical.adapters import Inputs, ModelAdapter, get_adapter
+from veridical.attention import AttentionHook, ForwardContext, intercept_attention, running_prompts
+from veridical.branch import cache_kwarg, output_cache
+from veridical.errors import MethodSpecError
+from veridical.registry import register_method
+
+PRESETS = {"default": {}, "fast": {"threshold": 25, "num_candidates": 1}}
+
+
+class _LastQueryAttention(AttentionHook):
+    """The last layer's attention of the newest query, max over heads: ``(rows, keys)``."""
+
+    def __init__(self, layer: int):
+        self.layers = [layer]
+        self.row: torch.Tensor | None = None
+
+    def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        self.row = weights[:, :, -1, :].amax(dim=1).float()
+        return weights
+
+
+def column_scores(local: torch.Tensor) -> torch.Tensor:
+    """OPERA's knowledge-aggregation score of every column of scaled local attention maps.
+
+    ``local`` is ``(..., n, n)`` lower-triangular (rows: queries, columns: keys of the generated region,
+    already multiplied by the scale). Column ``j`` scores ``1e-7 * prod_{i >= j} local[i, j]``.
+    """
+    n = local.shape[-1]
+    below = torch.ones(n, n, dtype=torch.bool, device=local.device).tril()
+    return 1e-7 * torch.where(below, local, torch.ones_like(local)).prod(dim=-2)
+
+
+@dataclass
+class _Snapshot:
+    """Beam state before one decision, kept for retrospection."""
+
+    running_sequences: torch.Tensor
+    running_scores: torch.Tensor
+    running_indices: torch.Tensor
+    sequences: torch.Tensor
+    scores: torch.Tensor
+    indices: torch.Tensor
+    finished: torch.Tensor
+    unsatisfied: torch.Tensor
+    attention: torch.Tensor
+    history: torch.Tensor
+    cur_len: int
+    chosen: list[torch.Tensor] = field(default_factory=list)
+
+
+@register_method("opera")
+class OPERA:
+    r"""Over-trust Penalty and Retrospection-Allocation.
+
+    Huang et al., "OPERA: Alleviating Hallucination in Multi-Modal Large Language Models via Over-Trust
+    Penalty and Retrospection-Allocation", CVPR 2024; official code shikiw/OPERA
+    (``transformers-4.29.2/src/transformers/generation/utils.py``, ``opera_beam_search``).
+
+    Beam search (5 beams) where each beam's ``num_candidates`` (5) best tokens by raw logit are scored
+    with one look-ahead forward each: the last layer's attention, max over heads, rows renormalised;
+    on the generated region, column :math:`j` scores :math:`10^{-7}\prod_{i \ge j} \sigma\,a_{ij}`
+    (``scale`` :math:`\sigma = 50`); the penalty is the largest column score, subtracted
+    (x ``penalty_weight`` 1.0) from the candidate's logit; every other token gets -999 before the
+    log-softmax. Retrospection: when every beam's history of argmax columns holds the current one
+    more than ``threshold`` (15) times, and it lies at response position 10 or later, decoding rolls
+    back to just after that column and bans the tokens chosen there before; at most
+    ``num_candidates`` rollbacks per position (then one position earlier, as the code).
+
+    Code and paper differ: for the first 10 response tokens the code does not penalise but rewards
+    attention to the image (penalty = minus the candidate's attention to image tokens). Default as
+    the code; ``image_reward_tokens=0`` is the paper. The code keeps the column scores in float16
+    (saturating to 0 or inf); here they stay in float32.
+
+    Beyond every released implementation: batches of any size (each prompt decodes, and rolls back,
+    on its own), rollback keeps the prompt's KV cache and re-runs only the kept response tokens,
+    the chosen candidate's look-ahead forward is reused as the next step's forward (its logits and
+    cache), and the look-aheads of all candidates run as one batched forward. ``preset="fast"`` is
+    the official fast setting (``threshold=25, num_candidates=1``).
+
+    OPERA is a generation loop, not a logits processor: use ``veridical.generate(model, inputs,
+    methods=["opera"], num_beams=5, max_new_tokens=...)``. Head methods compose with it; logits
+    processors are applied to each step's log-probabilities as in beam search, except contrastive
+    decoders, whose branches cannot follow a rollback.
+
+    Args:
+        scale: :math:`\sigma`, the attention scale.
+        threshold: rollback when an argmax column recurs more than this many times in every beam.
+        num_candidates: look-ahead candidates per beam.
+        penalty_weight: weight of the penalty; 0 with no rollback is beam search over the candidates.
+        image_reward_tokens: response length up to which the image-attention reward replaces the
+            penalty (10 in the code; 0 is the paper).
+        rollback_start: earliest response position a rollback may target the column of (10).
+        max_rollbacks: rollbacks allowed per position (default ``num_candidates``, as the code).
+        preset: ``"default"`` or ``"fast"`` (overrides ``threshold`` and ``num_candidates``).
+    """
+
+    generation_defaults: ClassVar[dict] = {"do_sample": False, "num_beams": 5}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        scale: float = 50.0,
+        threshold: int = 15,
+        num_candidates: int = 5,
+        penalty_weight: float = 1.0,
+        image_reward_tokens: int = 10,
+        rollback_start: int = 10,
+        max_rollbacks: int | None = None,
+        preset: str = "default",
+    ):
+        if preset not in PRESETS:
+            raise MethodSpecError(f"OPERA preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        threshold = PRESETS[preset].get("threshold", threshold)
+        num_candidates = PRESETS[preset].get("num_candidates", num_candidates)
+        if num_candidates < 1:
+            raise MethodSpecError(f"OPERA num_candidates must be >= 1, got {num_candidates}")
+        if scale <= 0 or penalty_weight < 0 or threshold < 0:
+            raise MethodSpecError(
+                "OPERA needs scale > 0, penalty_weight >= 0 and threshold >= 0; "
+                f"got {scale}, {penalty_weight}, {threshold}"
+            )
+        self.model = model
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.adapter.validate_inputs(inputs)
+        self.inputs = inputs
+        self.scale, self.threshold, self.num_candidates = scale, threshold, num_candidates
+        self.penalty_weight, self.image_reward_tokens = penalty_weight, image_reward_tokens
+        self.rollback_start = rollback_start
+        self.max_rollbacks = num_candidates if max_rollbacks is None else max_rollbacks
+        #: ``(prompt, decision step, rolled back to)`` for every retrospection, for inspection.
+        self.rollbacks: list[tuple[int, int, int]] = []
+        #: Per prompt, each decision's ``(beams, vocab)`` log-probabilities before the beam scores are added.
+        self.step_scores: list[list[torch.Tensor]] = []
+
+    # -- entry point used by veridical.generate ---------------------------------------------------
+    @torch.no_grad()
+    def custom_generate(
+        self, logits_processor: LogitsProcessorList | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(**kwargs)
+        if config.do_sample:
+            raise MethodSpecError("OPERA is a beam search: pass do_sample=False")
+        if (config.num_return_sequences or 1) != 1:
+            raise MethodSpecError("OPERA returns one sequence per prompt (num_return_sequences=1)")
+        processors = LogitsProcessorList(logits_processor or [])
+        from veridical.decoders.contrastive import ContrastiveDecoder
+
+        branched = [type(p).__name__ for p in processors if isinstance(p, ContrastiveDecoder)]
+        if branched:
+            raise MethodSpecError(
+                f"OPERA cannot be stacked with {', '.join(branched)}: "
+                "a contrast branch cannot follow a rollback"
+            )
+        if any(getattr(p, "reads_model_forward", False) for p in processors):
+            raise MethodSpecError(
+                "OPERA cannot be stacked with VISTA's logits augmentation (its look-ahead forwards are not "
+                "the step's forward); use VISTA with logits_alpha=0 (steering only)"
+            )
+        hook = _LastQueryAttention(self.adapter.num_layers - 1)
+        outputs = []
+        with intercept_attention(self.model, hook):
+            for index, sample in enumerate(self.adapter.split_inputs(self.inputs)):
+                self.step_scores.append([])
+                with running_prompts([index]):
+                    outputs.append(self._decode(index, sample, config, processors, hook))
+        return self._batch(outputs, config)
+
+    def _batch(self, generated: list[torch.Tensor], config) -> torch.Tensor:
+        prompt = self.inputs["input_ids"]
+        width = max(len(g) for g in generated)
+        pad = config.pad_token_id if config.pad_token_id is not None else self.adapter.pad_token_id
+        new = prompt.new_full((len(generated), width), int(pad))
+        for row, tokens in enumerate(generated):
+            new[row, : len(tokens)] = tokens
+        return torch.cat([prompt, new], dim=1)
+
+    # -- one prompt ------------------------------------------------------------------------------
+    def _decode(self, index, sample, config, processors, hook) -> torch.Tensor:
+        beams, n_can = int(config.num_beams or 1), self.num_candidates
+        adapter, model = self.adapter, self.model
+        prompt_len = sample["input_ids"].shape[1]
+        max_length = prompt_len + config.max_new_tokens if config.max_new_tokens else config.max_length
+        eos = config.eos_token_id
+        eos = torch.tensor(
+            [eos] if isinstance(eos, int) else list(eos or []), device=sample["input_ids"].device
+        )
+        criteria = StoppingCriteriaList([MaxLengthCriteria(max_length)])
+        if eos.numel():
+            criteria.append(EosTokenCriteria(eos))
+        image = adapter.image_mask(sample["input_ids"])[0]
+
+        # Prefill once, then expand to the beams.
+        positions = adapter.prefill_position_ids(sample)
+        out = adapter.prefill_module(sample)(
+            **sample, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = output_cache(out)
+        prefill_logits = out.logits[:, -1].float().expand(beams, -1).clone()
+        cache.batch_repeat_interleave(beams)
+        first_position = adapter.next_position_ids(positions).repeat_interleave(beams, dim=-2)
+
+        state = _BeamState.start(model, config, sample["input_ids"], beams, max_length, eos)
+        logits = prefill_logits
+        attention = torch.zeros(beams, 0, 0, device=logits.device)  # generated rows x generated columns
+        history = torch.zeros(beams, 0, dtype=torch.long, device=logits.device)
+        snapshots: list[_Snapshot] = []
+        rollbacks_at = torch.zeros(max_length - prompt_len + 1, dtype=torch.long)
+        lookahead = None
+        while True:
+            n = state.cur_len - prompt_len  # tokens generated so far by the running beams
+            snapshots.append(state.snapshot(attention, history))
+            cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
+            # Look-ahead: every beam's candidates in one forward from a copy of the cache.
+            ahead = cache_copy(cache, n_can)
+            ahead_out = self._step(
+                ahead, candidates.reshape(-1, 1), state.attention_mask(n + 1, n_can), first_position, n, n_can
+            )
+            rows = hook.row.view(beams, n_can, -1)
+            rows = rows / rows.sum(dim=-1, keepdim=True)
+            generated_part = rows[..., prompt_len:]  # (beams, candidates, n + 1)
+            window = torch.cat(
+                [
+                    torch.nn.functional.pad(attention, (0, 1))[:, None].expand(-1, n_can, -1, -1),
+                    generated_part[:, :, None, :],
+                ],
+                dim=2,
+            )  # (beams, candidates, n + 1, n + 1)
+            scores = column_scores(self.scale * window)
+            penalty, locations = scores.max(dim=-1)
+            if n + 1 <= self.image_reward_tokens:
+                penalty = -rows[..., : image.shape[0]][..., image].sum(dim=-1)
+            slot_locations = locations.mode(dim=-1).values  # (beams,)
+            history = torch.cat([history, slot_locations[:, None]], dim=1)
+            location = int(slot_locations.mode().values)
+            target = self._rollback_target(history, location, n, rollbacks_at)
+            if target is not None:
+                self.rollbacks.append((index, n, target))
+                restored = snapshots[target]
+                state.restore(restored)
+                attention, history = restored.attention, restored.history
+                banned = torch.cat(restored.chosen)  # (slot, token) pairs chosen here before
+                del snapshots[target + 1 :]
+                if cache.get_seq_length() > prompt_len:  # keep the prompt, drop the response
+                    cache.crop(prompt_len - cache.get_seq_length())
+                logits = self._replay(cache, state, first_position, target, prefill_logits)
+                # As the code: the banned continuations drop to the row's lowest logit (not -inf), and the
+                # re-decision uses the whole vocabulary without a penalty.
+                next_logits = logits.clone()
+                minimum = next_logits.min(dim=-1, keepdim=True).values.expand_as(next_logits).reshape(-1)
+                next_logits.view(-1).scatter_(0, banned, minimum.gather(0, banned))
+                lookahead = None
+            else:
+                next_logits = torch.full_like(logits, -999.0)
+                next_logits.scatter_(-1, candidates, cand_scores - self.penalty_weight * penalty)
+                lookahead = (ahead, ahead_out, candidates, generated_part)
+            log_probs = torch.log_softmax(next_logits, dim=-1)
+            log_probs = processors(state.flat_sequences(), log_probs)
+            self.step_scores[index].append(log_probs)
+            parents, tokens = state.advance(log_probs, criteria)
+            snapshots[-1].chosen = [*snapshots[-1].chosen, parents * logits.shape[-1] + tokens]
+            if state.done():
+                break
+            n = state.cur_len - prompt_len - 1
+            reuse = lookahead is not None and bool(
+                (lookahead[2][parents] == tokens[:, None]).any(dim=-1).all()
+            )
+            if reuse:
+                ahead, ahead_out, candidates, generated_part = lookahead
+                which = (candidates[parents] == tokens[:, None]).int().argmax(dim=-1)
+                chosen_rows = parents * n_can + which
+                ahead.reorder_cache(chosen_rows)
+                cache = ahead
+                logits = ahead_out[chosen_rows]
+                new_rows = generated_part.reshape(beams * n_can, -1)[chosen_rows]
+            else:
+                cache.reorder_cache(parents)
+                logits = self._step(
+                    cache, tokens[:, None], state.attention_mask(n + 1, 1), first_position, n, 1
+                )
+                new_rows = hook.row[:, prompt_len:]
+                new_rows = new_rows / hook.row.sum(dim=-1, keepdim=True)
+            attention = torch.cat(
+                [torch.nn.functional.pad(attention[parents], (0, 1)), new_rows[:, None, :]], dim=1
+            )
+        return state.best(prompt_len)
+
+    def _rollback_target(self, history: torch.Tensor, location: int, n: int, rollbacks_at: torch.Tensor):
+        if not bool(((history == location).sum(dim=1) > self.threshold).all()):
+            return None
+        if location < self.rollback_start:
+            return None
+        target = location + 1
+        if target >= n:  # nothing generated after the column: nothing to take back
+            return None
+        if rollbacks_at[target] >= self.max_rollbacks:
+            target -= 1
+            if target < 0 or rollbacks_at[target] >= self.max_rollbacks:
+                return None
+        rollbacks_at[target] += 1
+        return target
+
+    def _step(self, cache, tokens, mask, first_position, n, repeat) -> torch.Tensor:
+        """One new token per row against ``cache``; float32 next-token logits."""
+        module = self.adapter.decode_module()
+        position = (first_position + n).repeat_interleave(repeat, dim=-2)
+        out = module(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_kwarg(module): cache},
+        )
+        return out.logits[:, -1].float()
+
+    def _replay(self, cache, state, first_position, target, prefill_logits) -> torch.Tensor:
+        """Re-feed the kept response tokens (``target`` of them) after the prompt's cache."""
+        if target == 0:
+            return prefill_logits.clone()
+        tokens = state.response(target)
+        module = self.adapter.decode_module()
+        offsets = torch.arange(target, device=tokens.device)
+        position = first_position + offsets
+        out = module(
+            input_ids=tokens,
+            attention_mask=state.attention_mask(target, 1),
+            position_ids=position,
+            use_cache=True,
+            **{cache_kwarg(module): cache},
+        )
+        return out.logits[:, -1].float()
+
+
+def cache_copy(cache, repeat: int):
+    """A deep copy of a KV cache with every row repeated ``repeat`` times."""
+    ahead = copy.copy(cache)
+    ahead.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in ahead.layers:
+        layer.keys = layer.keys.repeat_interleave(repeat, dim=0)
+        layer.values = layer.values.repeat_interleave(repeat, dim=0)
+    return ahead
+
+
+class _BeamState:
+    """transformers' beam search bookkeeping for one prompt (its own helpers, batch of one)."""
+
+    def __init__(self, model, config, running_sequences, beams, max_length, eos, prompt_len):
+        self.model, self.beams, self.max_length, self.eos, self.prompt_len = (
+            model,
+            beams,
+            max_length,
+            eos,
+            prompt_len,
+        )
+        # transformers leaves these unset until generate() fills its defaults: 1.0 and False.
+        self.length_penalty = 1.0 if config.length_penalty is None else config.length_penalty
+        self.early_stopping = False if config.early_stopping is None else config.early_stopping
+        self.running_sequences = running_sequences
+        self.sequences = running_sequences.clone()
+        self.running_scores = torch.zeros(1, beams, device=running_sequences.device)
+        self.running_scores[:, 1:] = -1e9
+        self.scores = torch.full((1, beams), -1e9, device=running_sequences.device)
+        self.finished = torch.zeros(1, beams, dtype=torch.bool, device=running_sequences.device)
+        self.unsatisfied = torch.ones(1, 1, dtype=torch.bool, device=running_sequences.device)
+        self.hits = torch.zeros(1, beams, dtype=torch.bool, device=running_sequences.device)
+        self.running_indices = torch.full(
+            (1, beams, max_length - prompt_len), -1, dtype=torch.int32, device=running_sequences.device
+        )
+        self.indices = self.running_indices.clone()
+        self.cur_len = prompt_len
+        n_eos = eos.numel()
+        self.keep = max(2, 1 + n_eos) * beams
+        self.top_mask = torch.cat(
+            [torch.ones(beams, dtype=torch.bool), torch.zeros(self.keep - beams, dtype=torch.bool)]
+        ).to(running_sequences.device)
+
+    @classmethod
+    def start(cls, model, config, input_ids, beams, max_length, eos) -> _BeamState:
+        prompt_len = input_ids.shape[1]
+        fill = config.pad_token_id
+        fill = fill if fill is not None else (int(eos[0]) if eos.numel() else -1)
+        running = torch.full((1, beams, max_length), int(fill), dtype=torch.long, device=input_ids.device)
+        running[:, :, :prompt_len] = input_ids
+        return cls(model, config, running, beams, max_length, eos, prompt_len)
+
+    def flat_sequences(self) -> torch.Tensor:
+        return self.running_sequences[0, :, : self.cur_len]
+
+    def response(self, length: int) -> torch.Tensor:
+        return self.running_sequences[0, :, self.prompt_len : self.prompt_len + length]
+
+    def attention_mask(self, generated: int, repeat: int) -> torch.Tensor:
+        return torch.ones(
+            self.beams * repeat,
+            self.prompt_len + generated,
+            dtype=torch.long,
+            device=self.running_sequences.device,
+        )
+
+    def advance(self, log_probs: torch.Tensor, criteria) -> tuple[torch.Tensor, torch.Tensor]:
+        """One beam-search step as transformers does it; returns each new beam's parent slot and token."""
+        m = self.model
+        accumulated = (log_probs[None] + self.running_scores[:, :, None]).reshape(1, -1)
+        topk_scores, topk_sequences, topk_indices = m._get_top_k_continuations(
+            accumulated_log_probs=accumulated,
+            running_sequences=self.running_sequences,
+            running_beam_indices=self.running_indices,
+            cur_len=self.cur_len,
+            decoder_prompt_len=self.prompt_len,
+            do_sample=False,
+            beams_to_keep=self.keep,
+            num_beams=self.beams,
+            batch_size=1,
+        )
+        hits = criteria(topk_sequences[0, :, : self.cur_len + 1], None)[None]
+        self.running_sequences, self.running_scores, self.running_indices = (
+            m._get_running_beams_for_next_iteration(
+                topk_log_probs=topk_scores,
+                topk_running_sequences=topk_sequences,
+                topk_running_beam_indices=topk_indices,
+                next_token_hits_stopping_criteria=hits,
+                num_beams=self.beams,
+            )
+        )
+        self.sequences, self.scores, self.indices, self.finished = m._update_finished_beams(
+            sequences=self.sequences,
+            topk_running_sequences=topk_sequences,
+            beam_scores=self.scores,
+            topk_log_probs=topk_scores,
+            beam_indices=self.indices,
+            topk_running_beam_indices=topk_indices,
+            is_early_stop_heuristic_unsatisfied=self.unsatisfied,
+            is_sent_finished=self.finished,
+            next_token_hits_stopping_criteria=hits,
+            top_num_beam_mask=self.top_mask,
+            num_beams=self.beams,
+            cur_len=self.cur_len,
+            decoder_prompt_len=self.prompt_len,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+        )
+        self.hits = hits
+        parents = self.running_indices[0, :, self.cur_len - self.prompt_len].long()
+        tokens = self.running_sequences[0, :, self.cur_len]
+        self.cur_len += 1
+        self.unsatisfied = m._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=self.unsatisfied,
+            running_beam_scores=self.running_scores,
+            beam_scores=self.scores,
+            is_sent_finished=self.finished,
+            cur_len=self.cur_len,
+            max_length=self.max_length,
+            decoder_prompt_len=self.prompt_len,
+            early_stopping=self.early_stopping,
+            length_penalty=self.length_penalty,
+        )
+        return parents % self.beams, tokens
+
+    def done(self) -> bool:
+        return not bool(
+            self.model._beam_search_has_unfinished_sequences(
+                self.unsatisfied, self.finished, self.hits, self.early_stopping
+            )
+        )
+
+    def best(self, prompt_len: int) -> torch.Tensor:
+        generated = int(((self.indices[0, 0] + 1).bool()).sum())
+        return self.sequences[0, 0, prompt_len : prompt_len + generated]
+
+    def snapshot(self, attention, history) -> _Snapshot:
+        return _Snapshot(
+            running_sequences=self.running_sequences.clone(),
+            running_scores=self.running_scores.clone(),
+            running_indices=self.running_indices.clone(),
+            sequences=self.sequences.clone(),
+            scores=self.scores.clone(),
+            indices=self.indices.clone(),
+            finished=self.finished.clone(),
+            unsatisfied=self.unsatisfied.clone(),
+            attention=attention,
+            history=history,
+            cur_len=self.cur_len,
+        )
+
+    def restore(self, snapshot: _Snapshot) -> None:
+        self.running_sequences = snapshot.running_sequences.clone()
+        self.running_scores = snapshot.running_scores.clone()
+        self.running_indices = snapshot.running_indices.clone()
+        self.sequences = snapshot.sequences.clone()
+        self.scores = snapshot.scores.clone()
+        self.indices = snapshot.indices.clone()
+        self.finished = snapshot.finished.clone()
+        self.unsatisfied = snapshot.unsatisfied.clone()
+        self.hits = torch.zeros_like(self.hits)
+        self.cur_len = snapshot.cur_len
