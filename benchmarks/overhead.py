@@ -24,29 +24,29 @@ import veridical
 from veridical.evals.runner import stack_label
 from veridical.registry import parse_method_spec
 
-#: Stacks measured on every model; VAR gets a threshold under which these small models have sinks.
+#: Stacks measured on every model, with their beam count; VAR gets a threshold under which these
+#: small models have sinks. Each ratio is against vanilla with the same number of beams.
+COMMON = [
+    ("vanilla", 1),
+    ("pai", 1),
+    ("paint", 1),
+    ("vhr", 1),
+    ("act", 1),
+    ("vcd", 1),
+    ("m3id", 1),
+    ("avisc", 1),
+    ("vista", 1),
+    ("pai+vcd", 1),
+    ("vanilla", 5),
+    ("opera", 5),
+    ("opera:preset=fast", 5),
+]
 STACKS = {
-    "tiny-llava": [
-        "vanilla",
-        "pai",
-        "paint",
-        "vhr",
-        "act",
-        "var:sink_dims=[0,1],tau=1.5",
-        "vcd",
-        "var:sink_dims=[0,1],tau=1.5+vcd",
-        "pai+vcd",
-    ],
+    "tiny-llava": [*COMMON, ("var:sink_dims=[0,1],tau=1.5", 1), ("var:sink_dims=[0,1],tau=1.5+vcd", 1)],
     "world": [
-        "vanilla",
-        "pai",
-        "paint",
-        "vhr",
-        "act",
-        "var:sink_dims=auto,sink_ratio=2.0,tau=3.0",
-        "vcd",
-        "var:sink_dims=auto,sink_ratio=2.0,tau=3.0+vcd",
-        "pai+vcd",
+        *COMMON,
+        ("var:sink_dims=auto,sink_ratio=2.0,tau=3.0", 1),
+        ("var:sink_dims=auto,sink_ratio=2.0,tau=3.0+vcd", 1),
     ],
 }
 
@@ -78,28 +78,35 @@ def parse_stack(text: str) -> list:
     return [] if text == "vanilla" else [parse_method_spec(part) for part in text.split("+")]
 
 
-def measure(model_name: str, batch: int, tokens: int, repeats: int) -> list[tuple[str, float, float]]:
+def measure(model_name: str, batch: int, tokens: int, repeats: int) -> list[tuple[str, int, float, float]]:
     model, inputs = MODELS[model_name](batch)
-    stacks = [parse_stack(s) for s in STACKS[model_name]]
+    stacks = [(parse_stack(text), beams) for text, beams in STACKS[model_name]]
     times: list[list[float]] = [[] for _ in stacks]
 
-    def run(stack) -> float:
+    def run(stack, beams) -> float:
         start = time.perf_counter()
         with torch.no_grad():
             veridical.generate(
-                model, inputs, methods=stack, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+                model,
+                inputs,
+                methods=stack,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                num_beams=beams,
             )
         return time.perf_counter() - start
 
-    for stack in stacks:  # warm-up: first-call costs (kernels, caches) stay out of the medians
-        run(stack)
+    for stack, beams in stacks:  # warm-up: first-call costs (kernels, caches) stay out of the medians
+        run(stack, beams)
     for _ in range(repeats):
-        for i, stack in enumerate(stacks):
-            times[i].append(run(stack))
-    vanilla = statistics.median(times[0])
+        for i, (stack, beams) in enumerate(stacks):
+            times[i].append(run(stack, beams))
+    medians = [statistics.median(t) for t in times]
+    vanilla = {beams: medians[i] for i, (stack, beams) in enumerate(stacks) if not stack}
     return [
-        (stack_label(stack), 1000 * statistics.median(t) / tokens, statistics.median(t) / vanilla)
-        for stack, t in zip(stacks, times, strict=True)
+        (stack_label(stack), beams, 1000 * median / tokens, median / vanilla[beams])
+        for (stack, beams), median in zip(stacks, medians, strict=True)
     ]
 
 
@@ -113,11 +120,16 @@ def main() -> None:
     parser.add_argument("--report", help="write the Markdown table here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = ["| model | batch | methods | ms / token | x vanilla |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | batch | beams | methods | ms / token | x vanilla (same beams) |",
+        "|---|---|---|---|---|---|",
+    ]
     for model_name in args.model or sorted(MODELS):
         for batch in args.batch or [1, 8]:
-            for label, per_token, ratio in measure(model_name, batch, args.tokens, args.repeats):
-                lines.append(f"| {model_name} | {batch} | {label} | {per_token:.2f} | {ratio:.2f} |")
+            for label, beams, per_token, ratio in measure(model_name, batch, args.tokens, args.repeats):
+                lines.append(
+                    f"| {model_name} | {batch} | {beams} | {label} | {per_token:.2f} | {ratio:.2f} |"
+                )
                 print(lines[-1], flush=True)
     if args.report:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"

@@ -281,8 +281,10 @@ def test_opera_without_penalty_or_rollback_is_plain_beam_search(model_and_inputs
     neutral = OPERA(
         model, inputs, penalty_weight=0.0, num_candidates=vocab, threshold=10**6, image_reward_tokens=0
     )
-    ours = veridical.generate(model, inputs, methods=[neutral], **BEAMS)
-    assert torch.equal(ours, model.generate(**inputs, **BEAMS))
+    # generate()'s own processors (min_new_tokens, repetition penalty) apply inside the loop as well.
+    settings = dict(BEAMS, min_new_tokens=6, repetition_penalty=1.3)
+    ours = veridical.generate(model, inputs, methods=[neutral], **settings)
+    assert torch.equal(ours, model.generate(**inputs, **settings))
     assert not neutral.rollbacks
 
 

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import random
 from collections import Counter
 
@@ -162,3 +163,25 @@ def test_calibrate_act_command_needs_data_for_other_models(tmp_path):
 
     with pytest.raises(SystemExit, match="--questions"):
         main(["calibrate-act", "--model", str(tmp_path), "--output", str(tmp_path / "h.json")])
+
+
+def test_world_eval_with_beams_keeps_its_own_folders(tmp_path, capsys):
+    from veridical.cli import main
+
+    args = [
+        "world",
+        "eval",
+        "--probes",
+        "4",
+        "--method",
+        "vanilla",
+        "--output",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert main([*args, "--num-beams", "2", "--report", str(tmp_path / "beams.md")]) == 0
+    assert (tmp_path / "world" / "vanilla[beams=2]" / "chair" / "results.json").exists()
+    config = json.loads((tmp_path / "world" / "vanilla[beams=2]" / "chair" / "config.json").read_text())
+    assert config["generation"]["num_beams"] == 2
+    assert "beam search (2 beams)" in (tmp_path / "beams.md").read_text()

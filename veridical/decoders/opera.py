@@ -198,6 +198,19 @@ class OPERA:
         beams, n_can = int(config.num_beams or 1), self.num_candidates
         adapter, model = self.adapter, self.model
         prompt_len = sample["input_ids"].shape[1]
+        # The processors generate() would add from the config (min_new_tokens, repetition penalty, ...),
+        # then the caller's, as generate() orders them.
+        model._prepare_special_tokens(
+            config, kwargs_has_attention_mask=True, device=sample["input_ids"].device
+        )
+        processors = model._get_logits_processor(
+            generation_config=config,
+            input_ids_seq_length=prompt_len,
+            encoder_input_ids=sample["input_ids"],
+            logits_processor=processors,
+            device=sample["input_ids"].device,
+            model_kwargs={"attention_mask": sample["attention_mask"].expand(beams, -1)},
+        )
         max_length = prompt_len + config.max_new_tokens if config.max_new_tokens else config.max_length
         eos = config.eos_token_id
         eos = torch.tensor(

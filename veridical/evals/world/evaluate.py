@@ -18,7 +18,7 @@ from typing import Any
 from veridical.evals.chair import Chair, ChairScorer, ChairVocabulary, GroundTruth
 from veridical.evals.pope import PopeScorer
 from veridical.evals.pope_build import STRATEGIES, build_pope, write_questions
-from veridical.evals.runner import EvalConfig, read_run_records, run_eval, stack_label
+from veridical.evals.runner import EvalConfig, method_name, read_run_records, run_eval, stack_label
 from veridical.evals.samples import CHAIR_PROMPT, chair_samples, pope_samples
 from veridical.evals.world.scenes import (
     CLASSES,
@@ -32,6 +32,7 @@ from veridical.evals.world.scenes import (
     synonyms_text,
     write_coco,
 )
+from veridical.registry import method_class
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 WORLD_MODELS = {"world": CHECKPOINTS / "world", "world-noprior": CHECKPOINTS / "world-noprior"}
@@ -124,8 +125,13 @@ def evaluate_world(
     root: str | Path = "runs/world",
     batch_size: int = 16,
     progress: bool = True,
+    num_beams: int = 1,
 ) -> list[WorldRow]:
-    """One row per method stack: CHAIR_s, CHAIR_i, Recall, partner rates, POPE accuracy and F1 per split."""
+    """One row per method stack: CHAIR_s, CHAIR_i, Recall, partner rates, POPE accuracy and F1 per split.
+
+    Decoding is greedy (``num_beams`` beams), except that a method that is a beam search (OPERA)
+    keeps its own beam count.
+    """
     from veridical.evals.models import load_model
 
     root = Path(root)
@@ -136,7 +142,11 @@ def evaluate_world(
     rows = []
     for stack in methods:
         label = stack_label(stack)
-        out = root / Path(model_name).name / label
+        beams = {"num_beams": num_beams} if num_beams > 1 else {}
+        for spec in stack:
+            defaults = getattr(method_class(method_name(spec)), "generation_defaults", {})
+            beams.update({k: v for k, v in defaults.items() if k == "num_beams"})
+        out = root / Path(model_name).name / (f"{label}[beams={num_beams}]" if num_beams > 1 else label)
         metrics: dict[str, float] = {}
         samples = chair_samples(data / "probe", list(chair.ground_truth), probes, seed, CHAIR_PROMPT)
         config = EvalConfig(
@@ -144,7 +154,7 @@ def evaluate_world(
             model_name,
             list(stack),
             {"world": str(data), "split": "probe"},
-            GENERATION["chair"],
+            {**GENERATION["chair"], **beams},
             batch_size,
             seed,
         )
@@ -160,7 +170,7 @@ def evaluate_world(
                 model_name,
                 list(stack),
                 {"world": str(data), "split": strategy},
-                GENERATION["pope"],
+                {**GENERATION["pope"], **beams},
                 batch_size,
                 seed,
             )
