@@ -81,15 +81,3 @@ def test_shipped_configs_are_valid():
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         _, cells = load_sweep(path)
         assert cells, path
-
-
-def test_shipped_sweep_configs_are_valid():
-    from pathlib import Path
-
-    from veridical.evals.sweep import load_sweep
-
-    configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
-    assert len(configs) >= 3
-    for path in configs:
-        _, cells = load_sweep(path)
-        assert cells, path
