@@ -532,3 +532,57 @@ def test_pai_text_only_contrast_is_vcd_against_the_image_free_prompt(llava, last
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(got), finite)
     torch.testing.assert_close(got[finite], torch.log_softmax(expected, -1)[finite], atol=1e-4, rtol=1e-4)
+
+
+ALL_METHODS = [
+    "vcd",
+    "m3id",
+    "avisc",
+    "vista",
+    "pai",
+    "paint",
+    "vhr",
+    "act",
+    {"name": "var", "tau": 0.5, "sink_dims": [0]},
+]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: m if isinstance(m, str) else m["name"])
+def test_every_method_is_numerically_safe_in_bfloat16(tiny_models, questions, method):
+    from veridical.tiny import tiny_inputs
+
+    model, processor = tiny_models("llava")
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    inputs = tiny_inputs("llava", processor, questions)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    out = veridical.generate(
+        low,
+        inputs,
+        methods=[method],
+        max_new_tokens=3,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    scores = torch.stack(out.scores)
+    assert not torch.isnan(scores).any() and torch.isfinite(scores).any(dim=-1).all()
+
+
+def test_methods_are_removed_when_generation_is_interrupted(llava):
+    from transformers import LogitsProcessor
+
+    class Interrupt(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            raise KeyboardInterrupt
+
+    model, inputs = llava
+    adapter = get_adapter(model)
+    implementation = adapter.text_config._attn_implementation
+    with pytest.raises(KeyboardInterrupt):
+        veridical.generate(
+            model, inputs, methods=["vhr", "vista", "pai"], logits_processor=[Interrupt()], max_new_tokens=2
+        )
+    assert adapter.text_config._attn_implementation == implementation
+    assert not any(hasattr(m, "_veridical_hooks") for m in adapter.attention_modules)
+    assert not adapter.text_model._forward_pre_hooks
+    assert not any(layer.mlp._forward_hooks for layer in adapter.layers)

@@ -243,3 +243,15 @@ def test_pope_from_a_hugging_face_dataset_with_images(tmp_path):
     assert [s.sample_id for s in samples] == ["q1", "q3"]
     assert [s.meta["label"] for s in samples] == ["yes", "yes"]
     assert samples[0].load_image().size == (8, 8)
+
+
+def test_eval_counts_and_warns_about_empty_answers():
+    from veridical.evals.pope import PopeScorer
+
+    records = [
+        {"answer": "yes", "label": "no", "output": ""},
+        {"answer": "no", "label": "no", "output": "No."},
+    ]
+    with pytest.warns(UserWarning, match="1 of 2 POPE answers are empty"):
+        result = PopeScorer().score(records)
+    assert result["empty_answers"] == 1 and result["accuracy"] == 50.0

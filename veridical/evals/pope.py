@@ -9,6 +9,7 @@ silent "yes".
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,4 +198,12 @@ class PopeScorer:
 
     def score(self, records) -> dict:
         metrics, confusion = pope_metrics([r["answer"] for r in records], [r["label"] for r in records])
-        return {**metrics, **confusion, "rule": self.rule}
+        # The reference rules read an empty answer as "yes"; count them so a broken run cannot hide.
+        empty = sum(1 for r in records if not str(r.get("output", "x")).strip())
+        if empty:
+            warnings.warn(
+                f"{empty} of {len(records)} POPE answers are empty and were scored as 'yes' by the "
+                f"{self.rule} rule, as the reference scorer does",
+                stacklevel=2,
+            )
+        return {**metrics, **confusion, "empty_answers": empty, "rule": self.rule}
