@@ -54,7 +54,8 @@ def test_eval_killed_repeatedly_resumes_to_the_uninterrupted_result(model_dir, d
     from veridical.cli import main
 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    args = lambda out: pope_args(model_dir, dataset, out, "--batch-size", "1", "--method", "vcd:seed=0")  # noqa: E731
+    # Unseeded VCD noise and batches of 3: only fixed batch boundaries make a resumed run identical.
+    args = lambda out: pope_args(model_dir, dataset, out, "--batch-size", "3", "--method", "vcd")  # noqa: E731
     assert main(args(clean)) == 0
     landed = run_killed(args(killed), killed, random.Random(0), kills=3)
     assert landed >= 1, "no kill hit a running eval: the test did not test anything"

@@ -153,9 +153,15 @@ def run_eval(
 
     my_file = out / f"samples.rank{state.process_index}.jsonl"
     done = {r["sample_id"] for r in read_run_records(out, repair=my_file)}
-    todo = [(i, s) for i, s in enumerate(samples) if s.sample_id not in done]
-    with state.split_between_processes(todo) as mine:
-        stats = _generate(config, model, processor, mine, scorer, my_file, progress and state.is_main_process)
+    # Batches are fixed slices of the sample list, whatever the process count or earlier crashes: a
+    # batch's padding and its seed (and so any noise or sampling) are then the same in every run.
+    indexed = list(enumerate(samples))
+    batches = [indexed[i : i + config.batch_size] for i in range(0, len(indexed), config.batch_size)]
+    pending = [b for b in batches if any(s.sample_id not in done for _, s in b)]
+    with state.split_between_processes(pending) as mine:
+        stats = _generate(
+            config, model, processor, mine, done, scorer, my_file, progress and state.is_main_process
+        )
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -194,21 +200,21 @@ def _generate(
     config: EvalConfig,
     model,
     processor,
-    work: Sequence[tuple[int, Sample]],
+    batches: Sequence[Sequence[tuple[int, Sample]]],
+    done: set[str],
     scorer: Scorer,
     path: Path,
     progress: bool,
 ) -> dict[str, Any]:
+    """Run whole ``batches``; write records only for samples not ``done`` (a batch cut by a crash reruns)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    start, new_tokens = time.perf_counter(), 0
-    bar = tqdm(
-        total=len(work), desc=f"{config.benchmark} {config.model}", unit="sample", disable=not progress
-    )
-    for first in range(0, len(work), config.batch_size):
-        batch = work[first : first + config.batch_size]
+    start, new_tokens, written = time.perf_counter(), 0, 0
+    total = sum(1 for batch in batches for _, s in batch if s.sample_id not in done)
+    bar = tqdm(total=total, desc=f"{config.benchmark} {config.model}", unit="sample", disable=not progress)
+    for batch in batches:
         prompts = [build_prompt(model, processor, s.question) for _, s in batch]
         inputs = processor(
             images=[s.load_image() for _, s in batch], text=prompts, return_tensors="pt", padding=True
@@ -224,19 +230,19 @@ def _generate(
         pad = processor.tokenizer.pad_token_id
         new_tokens += int((generated != pad).sum()) if pad is not None else generated.numel()
         texts = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        append_records(
-            path,
-            [
-                {
-                    "sample_id": s.sample_id,
-                    "prompt": prompt,
-                    "output": text.strip(),
-                    **scorer.record(s, text.strip()),
-                }
-                for (_, s), prompt, text in zip(batch, prompts, texts, strict=True)
-            ],
-        )
-        bar.update(len(batch))
+        new_records = [
+            {
+                "sample_id": s.sample_id,
+                "prompt": prompt,
+                "output": text.strip(),
+                **scorer.record(s, text.strip()),
+            }
+            for (_, s), prompt, text in zip(batch, prompts, texts, strict=True)
+            if s.sample_id not in done
+        ]
+        append_records(path, new_records)
+        written += len(new_records)
+        bar.update(len(new_records))
         elapsed = time.perf_counter() - start
         bar.set_postfix(samples_per_s=f"{bar.n / elapsed:.2f}", tokens_per_s=f"{new_tokens / elapsed:.1f}")
     bar.close()
@@ -245,7 +251,7 @@ def _generate(
         "wall_time_s": round(wall, 3),
         "generated_tokens": new_tokens,
         "tokens_per_s": round(new_tokens / wall, 2) if wall > 0 and new_tokens else 0.0,
-        "samples_generated": len(work),
+        "samples_generated": written,
         "peak_memory_mb": _peak_memory_mb(),
     }
 
