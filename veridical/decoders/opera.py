@@ -247,20 +247,9 @@ class OPERA:
             ahead_out = self._step(
                 ahead, candidates.reshape(-1, 1), state.attention_mask(n + 1, n_can), first_position, n, n_can
             )
-            rows = hook.row.view(beams, n_can, -1)
-            rows = rows / rows.sum(dim=-1, keepdim=True)
-            generated_part = rows[..., prompt_len:]  # (beams, candidates, n + 1)
-            window = torch.cat(
-                [
-                    torch.nn.functional.pad(attention, (0, 1))[:, None].expand(-1, n_can, -1, -1),
-                    generated_part[:, :, None, :],
-                ],
-                dim=2,
-            )  # (beams, candidates, n + 1, n + 1)
-            scores = column_scores(self.scale * window)
-            penalty, locations = scores.max(dim=-1)
-            if n + 1 <= self.image_reward_tokens:
-                penalty = -rows[..., : image.shape[0]][..., image].sum(dim=-1)
+            penalty, locations, generated_part = self._penalties(
+                hook.row.view(beams, n_can, -1), attention, image
+            )
             slot_locations = locations.mode(dim=-1).values  # (beams,)
             history = torch.cat([history, slot_locations[:, None]], dim=1)
             location = int(slot_locations.mode().values)
@@ -315,6 +304,25 @@ class OPERA:
                 [torch.nn.functional.pad(attention[parents], (0, 1)), new_rows[:, None, :]], dim=1
             )
         return state.best(prompt_len)
+
+    def _penalties(
+        self, rows: torch.Tensor, attention: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Penalty and argmax column of every candidate, and its normalised row over the response.
+
+        ``rows`` ``(beams, candidates, keys)``: each candidate's last-layer attention (max over heads);
+        ``attention`` ``(beams, n, n)``: the response's earlier rows, normalised the same way.
+        """
+        rows = rows / rows.sum(dim=-1, keepdim=True)
+        prompt_len = image.shape[0]
+        response = rows[..., prompt_len:]  # (beams, candidates, n + 1)
+        earlier = torch.nn.functional.pad(attention, (0, 1))[:, None].expand(-1, rows.shape[1], -1, -1)
+        window = torch.cat([earlier, response[:, :, None, :]], dim=2)  # (beams, candidates, n + 1, n + 1)
+        penalty, locations = column_scores(self.scale * window).max(dim=-1)
+        if response.shape[-1] <= self.image_reward_tokens:
+            # The code's early phase: reward attention to the image instead (not in the paper).
+            penalty = -rows[..., :prompt_len][..., image].sum(dim=-1)
+        return penalty, locations, response
 
     def _rollback_target(self, history: torch.Tensor, location: int, n: int, rollbacks_at: torch.Tensor):
         if not bool(((history == location).sum(dim=1) > self.threshold).all()):
