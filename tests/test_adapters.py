@@ -98,3 +98,18 @@ def test_inputs_without_pixels_are_rejected(model_and_inputs):
     bad = {k: v for k, v in inputs.items() if k != "pixel_values"}
     with pytest.raises(InputError, match="pixel_values"):
         get_adapter(model).validate_inputs(bad)
+
+
+def test_fewer_images_than_placeholders_are_rejected(model_and_inputs):
+    model, _, inputs = model_and_inputs
+    bad = dict(inputs)
+    if "image_grid_thw" in inputs:  # Qwen: one image's grid for two placeholders
+        bad["image_grid_thw"] = inputs["image_grid_thw"][:1]
+        bad["pixel_values"] = inputs["pixel_values"][: int(inputs["image_grid_thw"][0].prod())]
+    else:
+        bad["pixel_values"] = inputs["pixel_values"][:1]
+    with pytest.raises(InputError, match="2 image placeholder run"):
+        get_adapter(model).validate_inputs(bad)
+    if "image_grid_thw" in inputs:
+        with pytest.raises(InputError, match="patches"):
+            get_adapter(model).validate_inputs({**inputs, "pixel_values": inputs["pixel_values"][:3]})

@@ -81,11 +81,22 @@ class ModelAdapter:
                 f"row(s) {empty} of input_ids contain no image token (id {self.image_token_id}); "
                 "put the family's image placeholder in the prompt or use the processor's chat template"
             )
+        runs = sum(len(spans) for spans in self.image_spans(input_ids))
+        images = self.image_count(inputs)
+        if images < runs:
+            raise InputError(
+                f"input_ids hold {runs} image placeholder run(s) but the inputs carry {images} image(s): "
+                "build input_ids and images with the same processor call"
+            )
         mask = inputs.get("attention_mask")
         if mask is not None and mask.shape != input_ids.shape:
             raise InputError(
                 f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
+
+    def image_count(self, inputs: Inputs) -> int:
+        """How many images the pixel tensors hold."""
+        return int(inputs["pixel_values"].shape[0])
 
     def batch_size(self, inputs: Inputs) -> int:
         return int(inputs["input_ids"].shape[0])
@@ -252,6 +263,17 @@ class Qwen2VLAdapter(ModelAdapter):
         first = fn(grid[:, :, :1])
         out["pixel_values"] = first.expand_as(grid).reshape(pixels.shape).contiguous()
         return out
+
+    def image_count(self, inputs: Inputs) -> int:
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise InputError(
+                "Qwen-VL inputs need 'image_grid_thw' next to 'pixel_values' (the processor's output)"
+            )
+        patches, held = int(grid.prod(dim=-1).sum()), int(inputs["pixel_values"].shape[0])
+        if patches != held:
+            raise InputError(f"pixel_values hold {held} patches but image_grid_thw describes {patches}")
+        return int(grid.shape[0])
 
     def _images_of(self, inputs: Inputs, row: int, first: int, last: int) -> dict[str, Any]:
         # Pixels are flattened patches of all images together: each image has prod(grid) rows.
