@@ -348,6 +348,7 @@ def test_opera_rollback_when_forced_restores_state_per_prompt(model_and_inputs):
     assert max(per_position.values(), default=0) <= 2
 
 
+@pytest.mark.filterwarnings("ignore:no massive-activation")
 def test_opera_fast_preset_and_head_methods(llava):
     model, inputs = llava
     fast = OPERA(model, inputs, preset="fast")

@@ -118,7 +118,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="STACK",
         help="a method stack, methods joined by '+': vcd | vcd:contrast=blank | var+vcd; "
-        "repeatable (default: vanilla, every VCD contrast and every head method)",
+        "repeatable (default: vanilla, every VCD contrast and every other method)",
     )
     weval.add_argument("--probes", type=int, default=400)
     weval.add_argument("--num-beams", type=int, default=1, help="beams for every stack (OPERA keeps its own)")
