@@ -41,6 +41,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from veridical.adapters import get_adapter
 from veridical.errors import InputError
+from veridical.outputs import output_cache
 
 ATTENTION_NAME = "veridical"
 _HOOKS = "_veridical_hooks"
@@ -302,9 +303,7 @@ class _InterceptionState:
         self.current = ForwardContext(sequence=sequence, past=past, rows=rows, valid_keys=valid)
 
     def on_text_model_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = getattr(output, "cache", None)
-        if cache is None:
-            cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if cache is not None and self.current is not None:
             self.sequences[cache] = self.current.sequence
         self.current = None

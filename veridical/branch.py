@@ -13,7 +13,6 @@ and works unchanged under greedy, sampling and beam search.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -21,19 +20,7 @@ import torch
 from veridical.adapters import Inputs, ModelAdapter
 from veridical.attention import auxiliary_forwards
 from veridical.errors import InputError
-
-
-def cache_kwarg(module: torch.nn.Module) -> str:
-    # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning).
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(output: Any) -> Any:
-    # InstructBLIP nests the language model's output; older transformers 5 releases name it past_key_values.
-    output = getattr(output, "language_model_outputs", None) or output
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+from veridical.outputs import cache_kwarg, output_cache
 
 
 class Branch:

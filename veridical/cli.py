@@ -26,7 +26,13 @@ def _demo(args: argparse.Namespace) -> int:
         f"tiny random-weight {args.family} model (greedy, {args.max_new_tokens} new tokens); "
         "its words are noise, the mechanics are real\n"
     )
-    for label, methods in (("vanilla", []), ("vcd", [{"name": "vcd", "seed": args.seed}])):
+    stacks = (
+        ("vanilla", []),
+        ("vcd", [{"name": "vcd", "seed": args.seed}]),
+        ("pai", ["pai"]),
+        ("vhr+vcd", ["vhr", {"name": "vcd", "seed": args.seed}]),
+    )
+    for label, methods in stacks:
         out = veridical.generate(model, inputs, methods=methods, **settings)
         for question, row in zip(questions, out[:, prompt_len:], strict=True):
             print(
@@ -50,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="veridical", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate with and without VCD on a tiny built-in model")
+    demo = sub.add_parser("demo", help="generate with a few method stacks on a tiny built-in model")
     demo.add_argument("--family", choices=FAMILIES, default="llava")
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
@@ -69,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VeridicalError as err:
         print(f"veridical: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from transformers.generation.stopping_criteria import (
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.attention import AttentionHook, ForwardContext, intercept_attention, running_prompts
-from veridical.branch import cache_kwarg, output_cache
 from veridical.errors import MethodSpecError
+from veridical.outputs import cache_kwarg, output_cache
 from veridical.registry import register_method
 
 PRESETS = {"default": {}, "fast": {"threshold": 25, "num_candidates": 1}}

@@ -1,0 +1,26 @@
+"""Reading model outputs across transformers 5 releases and families."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name ``module.forward`` takes the KV cache under (transformers 5 renamed ``past_key_values``)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a forward's output, or ``None`` when it kept none.
+
+    InstructBLIP nests the language model's output; releases that renamed the field keep the old name
+    as a deprecated alias, so the new one is read when it exists.
+    """
+    output = getattr(output, "language_model_outputs", None) or output
+    if hasattr(type(output), "cache") or "cache" in getattr(output, "keys", dict)():
+        return getattr(output, "cache", None)
+    return getattr(output, "past_key_values", None)
