@@ -586,3 +586,26 @@ def test_methods_are_removed_when_generation_is_interrupted(llava):
     assert not any(hasattr(m, "_veridical_hooks") for m in adapter.attention_modules)
     assert not adapter.text_model._forward_pre_hooks
     assert not any(layer.mlp._forward_hooks for layer in adapter.layers)
+
+
+def test_two_models_with_different_methods_do_not_interfere(tiny_models, questions):
+    from veridical.tiny import tiny_inputs
+
+    llava, llava_processor = tiny_models("llava")
+    qwen, qwen_processor = tiny_models("qwen2_vl")
+    llava_inputs = tiny_inputs("llava", llava_processor, questions)
+    qwen_inputs = tiny_inputs("qwen2_vl", qwen_processor, questions)
+    settings = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+    def logits(model, inputs, methods=()):
+        return torch.stack(veridical.generate(model, inputs, methods=list(methods), **settings).logits)
+
+    vanilla_llava = logits(llava, llava_inputs)
+    alone_llava, alone_qwen = logits(llava, llava_inputs, ["pai"]), logits(qwen, qwen_inputs, ["vhr"])
+    with PAI(llava, llava_inputs), VHR(qwen, qwen_inputs):
+        both_qwen = torch.stack(qwen.generate(**qwen_inputs, **settings).logits)
+        both_llava = torch.stack(llava.generate(**llava_inputs, **settings).logits)
+    torch.testing.assert_close(both_llava, alone_llava, atol=0, rtol=0)
+    torch.testing.assert_close(both_qwen, alone_qwen, atol=0, rtol=0)
+    assert (alone_llava - vanilla_llava).abs().max() > 1e-4  # PAI acts on this model
+    torch.testing.assert_close(logits(llava, llava_inputs), vanilla_llava, atol=0, rtol=0)  # and is gone
