@@ -9,7 +9,7 @@ from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, intercept_attention
-from veridical.decoders.contrastive import ContrastiveDecoder, plausibility_mask
+from veridical.decoders.contrastive import ContrastiveDecoder, check_contrast_settings, contrast_with_cutoff
 from veridical.errors import MethodSpecError
 from veridical.registry import register_method
 
@@ -84,10 +84,7 @@ class AvisC(ContrastiveDecoder):
         lam: float = 1.0,
     ):
         super().__init__(model, inputs)
-        if alpha < 0:
-            raise MethodSpecError(f"AvisC alpha must be >= 0, got {alpha}")
-        if not 0 <= beta <= 1:
-            raise MethodSpecError(f"AvisC beta must be in [0, 1], got {beta}")
+        check_contrast_settings("AvisC", alpha, beta)
         if not 0 < gamma <= 1:
             raise MethodSpecError(f"AvisC gamma must be in (0, 1], got {gamma}")
         self.alpha, self.beta, self.gamma, self.lam = alpha, beta, gamma, lam
@@ -114,6 +111,4 @@ class AvisC(ContrastiveDecoder):
         return {**self.inputs, "inputs_embeds": embeddings}
 
     def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
-        scores = (1 + self.alpha) * log_probs - self.alpha * contrast_log_probs
-        scores = scores.masked_fill(plausibility_mask(log_probs, self.beta), float("-inf"))
-        return torch.log_softmax(scores, dim=-1)
+        return contrast_with_cutoff(log_probs, contrast_log_probs, self.alpha, self.beta)

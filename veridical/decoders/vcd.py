@@ -9,7 +9,7 @@ from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.contrast import CONTRAST_KINDS, contrast_inputs, diffusion_alpha_bar
-from veridical.decoders.contrastive import ContrastiveDecoder, plausibility_mask
+from veridical.decoders.contrastive import ContrastiveDecoder, check_contrast_settings, contrast_with_cutoff
 from veridical.errors import MethodSpecError
 from veridical.registry import register_method
 
@@ -63,10 +63,7 @@ class VCD(ContrastiveDecoder):
         seed: int | None = None,
     ):
         super().__init__(model, inputs)
-        if alpha < 0:
-            raise MethodSpecError(f"VCD alpha must be >= 0, got {alpha}")
-        if not 0 <= beta <= 1:
-            raise MethodSpecError(f"VCD beta must be in [0, 1], got {beta}")
+        check_contrast_settings("VCD", alpha, beta)
         if contrast not in CONTRAST_KINDS:
             raise MethodSpecError(
                 f"VCD contrast must be one of {', '.join(CONTRAST_KINDS)}, got {contrast!r}"
@@ -84,6 +81,4 @@ class VCD(ContrastiveDecoder):
         return contrast_inputs(self.adapter, self.inputs, self.contrast, self.noise_step, self.seed)
 
     def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
-        scores = (1 + self.alpha) * log_probs - self.alpha * contrast_log_probs
-        scores = scores.masked_fill(plausibility_mask(log_probs, self.beta), float("-inf"))
-        return torch.log_softmax(scores, dim=-1)
+        return contrast_with_cutoff(log_probs, contrast_log_probs, self.alpha, self.beta)
