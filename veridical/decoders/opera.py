@@ -51,17 +51,10 @@ def column_scores(local: torch.Tensor) -> torch.Tensor:
 class _Snapshot:
     """Beam state before one decision, kept for retrospection."""
 
-    running_sequences: torch.Tensor
-    running_scores: torch.Tensor
-    running_indices: torch.Tensor
-    sequences: torch.Tensor
-    scores: torch.Tensor
-    indices: torch.Tensor
-    finished: torch.Tensor
-    unsatisfied: torch.Tensor
+    beams: dict[str, torch.Tensor]  # copies of _BeamState.TENSORS
+    cur_len: int
     attention: torch.Tensor
     history: torch.Tensor
-    cur_len: int
     chosen: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -383,6 +376,18 @@ def cache_copy(cache, repeat: int):
 class _BeamState:
     """transformers' beam search bookkeeping for one prompt (its own helpers, batch of one)."""
 
+    #: The tensors that make up the search state at a decision (what retrospection restores).
+    TENSORS = (
+        "running_sequences",
+        "running_scores",
+        "running_indices",
+        "sequences",
+        "scores",
+        "indices",
+        "finished",
+        "unsatisfied",
+    )
+
     def __init__(self, model, config, running_sequences, beams, max_length, eos, prompt_len):
         self.model, self.beams, self.max_length, self.eos, self.prompt_len = (
             model,
@@ -507,28 +512,11 @@ class _BeamState:
         return self.sequences[0, 0, prompt_len : prompt_len + generated]
 
     def snapshot(self, attention, history) -> _Snapshot:
-        return _Snapshot(
-            running_sequences=self.running_sequences.clone(),
-            running_scores=self.running_scores.clone(),
-            running_indices=self.running_indices.clone(),
-            sequences=self.sequences.clone(),
-            scores=self.scores.clone(),
-            indices=self.indices.clone(),
-            finished=self.finished.clone(),
-            unsatisfied=self.unsatisfied.clone(),
-            attention=attention,
-            history=history,
-            cur_len=self.cur_len,
-        )
+        beams = {name: getattr(self, name).clone() for name in self.TENSORS}
+        return _Snapshot(beams=beams, cur_len=self.cur_len, attention=attention, history=history)
 
     def restore(self, snapshot: _Snapshot) -> None:
-        self.running_sequences = snapshot.running_sequences.clone()
-        self.running_scores = snapshot.running_scores.clone()
-        self.running_indices = snapshot.running_indices.clone()
-        self.sequences = snapshot.sequences.clone()
-        self.scores = snapshot.scores.clone()
-        self.indices = snapshot.indices.clone()
-        self.finished = snapshot.finished.clone()
-        self.unsatisfied = snapshot.unsatisfied.clone()
+        for name in self.TENSORS:
+            setattr(self, name, snapshot.beams[name].clone())
         self.hits = torch.zeros_like(self.hits)
         self.cur_len = snapshot.cur_len
