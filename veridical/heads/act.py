@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +169,13 @@ def calibrate_act_heads(
 
     def score(heads: HeadSet | None) -> float:
         total = 0.0
-        for forward, target_len in samples:
-            if heads is None:
-                logits = forward()
-            else:
-                with ACT(model, forward.inputs, scale=scale, threshold=threshold, heads=heads):
-                    logits = forward()
-            total += _target_log_prob(logits, forward.inputs["input_ids"], target_len)
+        for inputs, target_len in samples:
+            method = (
+                ACT(model, inputs, scale=scale, threshold=threshold, heads=heads) if heads else nullcontext()
+            )
+            with method:
+                logits = adapter.run_prompt(inputs).logits.float()
+            total += _target_log_prob(logits, inputs["input_ids"], target_len)
         return total / len(samples)
 
     baseline = score(None)
@@ -186,15 +187,8 @@ def calibrate_act_heads(
     return chosen
 
 
-class _Forward:
-    def __init__(self, adapter, inputs: dict[str, Any]):
-        self.adapter, self.inputs = adapter, inputs
-
-    def __call__(self) -> torch.Tensor:
-        return self.adapter.run_prompt(self.inputs).logits.float()
-
-
-def _teacher_forced(adapter, inputs: Inputs, target: torch.Tensor) -> tuple[_Forward, int]:
+def _teacher_forced(adapter, inputs: Inputs, target: torch.Tensor) -> tuple[dict[str, Any], int]:
+    """The prompt with the reference answer appended, and the answer's length."""
     adapter.validate_inputs(inputs)
     target = torch.as_tensor(target).reshape(1, -1).expand(inputs["input_ids"].shape[0], -1)
     full = dict(inputs)
@@ -204,7 +198,7 @@ def _teacher_forced(adapter, inputs: Inputs, target: torch.Tensor) -> tuple[_For
     if "mm_token_type_ids" in inputs:
         extra = torch.zeros_like(target).to(inputs["mm_token_type_ids"])
         full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], extra], dim=1)
-    return _Forward(adapter, full), target.shape[1]
+    return full, target.shape[1]
 
 
 def _target_log_prob(logits: torch.Tensor, input_ids: torch.Tensor, target_len: int) -> float:
