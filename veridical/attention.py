@@ -39,7 +39,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from veridical.adapters import get_adapter
+from veridical.adapters import ModelAdapter, get_adapter
 from veridical.errors import InputError
 from veridical.outputs import output_cache
 
@@ -262,8 +262,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)
 class _InterceptionState:
     """Per-model bookkeeping: what to restore, the torch hooks, and the sequence being run."""
 
-    def __init__(self, model: nn.Module, original: str | None):
-        self.model = model
+    def __init__(self, adapter: ModelAdapter, original: str | None):
+        self.adapter = adapter
         self.original = original
         self.active = 0
         self.handles: list[Any] = []
@@ -294,7 +294,7 @@ class _InterceptionState:
         sequence = self.sequences.get(cache) if (cache is not None and past > 0) else None
         if sequence is None:
             if input_ids is not None and past == 0:
-                image_mask = get_adapter(self.model).image_mask(input_ids)
+                image_mask = self.adapter.image_mask(input_ids)
             else:  # embeddings passed in directly, or a cache built outside: no known image tokens
                 image_mask = torch.zeros(rows, past + length, dtype=torch.bool, device=new.device)
             sequence = SequenceState(image_mask=image_mask, auxiliary=getattr(_AUXILIARY, "depth", 0) > 0)
@@ -341,7 +341,7 @@ def intercept_attention(model: nn.Module, *hooks: AttentionHook) -> Iterator[Non
                 raise ValueError(f"{type(hook).__name__} asks for layers {bad}; the model has {len(modules)}")
     state: _InterceptionState | None = getattr(model, _STATE, None)
     if state is None:
-        state = _InterceptionState(model, adapter.text_config._attn_implementation)
+        state = _InterceptionState(adapter, adapter.text_config._attn_implementation)
         model.set_attn_implementation({"text_config": ATTENTION_NAME})
         state.handles = [
             adapter.embed_tokens.register_forward_pre_hook(state.on_embed),

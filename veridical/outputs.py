@@ -14,13 +14,18 @@ def cache_kwarg(module: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def language_output(output: Any) -> Any:
+    """The language model's part of a forward's output (InstructBLIP nests it)."""
+    return getattr(output, "language_model_outputs", None) or output
+
+
 def output_cache(output: Any) -> Any:
     """The KV cache of a forward's output, or ``None`` when it kept none.
 
-    InstructBLIP nests the language model's output; releases that renamed the field keep the old name
-    as a deprecated alias, so the new one is read when it exists.
+    Releases that renamed the field keep the old name as a deprecated alias, so the new one is read
+    when it exists.
     """
-    output = getattr(output, "language_model_outputs", None) or output
+    output = language_output(output)
     if hasattr(type(output), "cache") or "cache" in getattr(output, "keys", dict)():
         return getattr(output, "cache", None)
     return getattr(output, "past_key_values", None)

@@ -15,6 +15,7 @@ from veridical.attention import AttentionHook, ForwardContext, auxiliary_forward
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, scale_index
 from veridical.heads.paired import with_and_without_image
+from veridical.outputs import language_output
 from veridical.registry import register_method
 
 
@@ -29,11 +30,6 @@ def steer(update: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tenso
     strength = lam * (1 + F.cosine_similarity(x, -v, dim=-1).clamp_min(0))[..., None]
     steered = F.normalize(F.normalize(x, dim=-1) + strength * F.normalize(v, dim=-1), dim=-1)
     return (steered * x.norm(dim=-1, keepdim=True)).to(update.dtype)
-
-
-def _hidden_states(output: Any) -> tuple[torch.Tensor, ...]:
-    output = getattr(output, "language_model_outputs", None) or output
-    return output.hidden_states
 
 
 class _SelfLogits(AttentionHook, LogitsProcessor):
@@ -135,7 +131,9 @@ class VISTA(HeadMethod):
                     output_hidden_states=True,
                     logits_to_keep=1,
                 )
-            last = torch.stack(_hidden_states(output)[1:], dim=1)[:, :, -1].float()  # (2B, layers, d)
+            last = torch.stack(language_output(output).hidden_states[1:], dim=1)[
+                :, :, -1
+            ].float()  # (2B, layers, d)
             self.vectors = last[: self.prompts] - last[self.prompts :]
 
     def hooks(self) -> list[AttentionHook]:
