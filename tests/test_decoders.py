@@ -288,6 +288,37 @@ def test_opera_without_penalty_or_rollback_is_plain_beam_search(model_and_inputs
     assert not neutral.rollbacks
 
 
+@pytest.mark.filterwarnings("ignore:no massive-activation")
+@pytest.mark.parametrize(
+    "head", [{"name": "pai", "alpha": 50.0}, "act", {"name": "var", "sink_dims": [0, 1], "tau": 1.5}]
+)
+def test_opera_without_penalty_equals_beam_search_with_a_head_method(tiny_models, head):
+    """The head method edits OPERA's look-ahead forwards (whose logits become the next step's) too."""
+    from veridical.tiny import tiny_inputs
+
+    model, processor = tiny_models("llava")
+    inputs = tiny_inputs("llava", processor, ["describe this image in detail please", "what is this ?"])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    neutral = OPERA(
+        model, inputs, penalty_weight=0.0, num_candidates=vocab, threshold=10**6, image_reward_tokens=0
+    )
+    settings = dict(BEAMS, min_new_tokens=6)
+    ours = veridical.generate(model, inputs, methods=[neutral, head], **settings)
+    beam = veridical.generate(
+        model, inputs, methods=[head], output_scores=True, return_dict_in_generate=True, **settings
+    )
+    vanilla = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **settings)
+    assert torch.equal(ours, beam.sequences)
+    beams = BEAMS["num_beams"]
+    for step in range(1, BEAMS["max_new_tokens"]):  # from the second token on: look-ahead logits
+        for b in range(2):
+            rows = slice(b * beams, (b + 1) * beams)
+            torch.testing.assert_close(
+                neutral.step_scores[b][step], beam.scores[step][rows], atol=1e-4, rtol=1e-4
+            )
+    assert not torch.allclose(beam.scores[1], vanilla.scores[1], atol=1e-3)
+
+
 def test_opera_column_scores_are_products_down_each_column():
     local = torch.tril(torch.rand(2, 5, 5) * 3)
     got = column_scores(local)

@@ -16,7 +16,13 @@ from transformers.generation.stopping_criteria import (
 )
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
-from veridical.attention import AttentionHook, ForwardContext, intercept_attention, running_prompts
+from veridical.attention import (
+    AttentionHook,
+    ForwardContext,
+    intercept_attention,
+    running_prompts,
+    share_sequence,
+)
 from veridical.errors import MethodSpecError
 from veridical.outputs import cache_kwarg, output_cache
 from veridical.registry import register_method
@@ -237,6 +243,7 @@ class OPERA:
             cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
             # Look-ahead: every beam's candidates in one forward from a copy of the cache.
             ahead = cache_copy(cache, n_can)
+            share_sequence(model, cache, ahead)  # head methods edit the look-aheads as the prompt
             ahead_out = self._step(
                 ahead, candidates.reshape(-1, 1), state.attention_mask(n + 1, n_can), first_position, n, n_can
             )
