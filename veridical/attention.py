@@ -63,8 +63,23 @@ def running_prompts(indices: list[int]) -> Iterator[None]:
         _PROMPTS.indices = previous
 
 
+_FUSED = threading.local()
+
+
+def fused_rows(rows: list[int] | None) -> None:
+    """Declare the forward about to run as branches batched together (``rows`` per branch, main
+    first; see :mod:`veridical.fusion`), or ``None`` once it is done."""
+    _FUSED.rows = rows
+
+
 def prompt_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """A per-prompt tensor for the ``rows`` of the running forward (see :func:`running_prompts`)."""
+    """A per-prompt tensor for the ``rows`` of the running forward (see :func:`running_prompts`).
+
+    In a fused forward every branch's rows get the tensor, as each would in a forward of its own.
+    """
+    fused = getattr(_FUSED, "rows", None)
+    if fused and rows == sum(fused):
+        return torch.cat([prompt_rows(tensor, part) for part in fused])
     indices = getattr(_PROMPTS, "indices", None)
     if indices is not None:
         tensor = tensor[indices]
@@ -117,6 +132,11 @@ def auxiliary_forwards() -> Iterator[None]:
         _AUXILIARY.depth -= 1
 
 
+def in_auxiliary_forward() -> bool:
+    """Whether the running forward is veridical's own (see :func:`auxiliary_forwards`)."""
+    return getattr(_AUXILIARY, "depth", 0) > 0
+
+
 @dataclass
 class SequenceState:
     """What is known about one sequence (one KV cache) across its forwards."""
@@ -127,6 +147,21 @@ class SequenceState:
     auxiliary: bool = False
     #: Per-method data decided at prefill, keyed by the hook object.
     store: dict[Any, Any] = field(default_factory=dict)
+
+
+#: Attribute of a KV cache that holds several sequences' rows (see :mod:`veridical.fusion`).
+SEGMENTS = "_veridical_segments"
+
+
+@dataclass
+class Segment:
+    """Consecutive rows of a shared KV cache that belong to one sequence."""
+
+    rows: int
+    #: Columns of left padding that fit this sequence into the shared cache.
+    pad: int
+    #: The sequence's own state; ``None`` for the first (main) segment, known from the cache.
+    sequence: SequenceState | None
 
 
 @dataclass
@@ -140,6 +175,9 @@ class ForwardContext:
     rows: int
     #: ``(rows, keys)`` or ``None``: key columns that are real tokens (not padding).
     valid_keys: torch.Tensor | None
+    #: In a forward of several sequences batched together, ``(first row, left padding, context)`` of
+    #: each: hooks edit each part in that sequence's own key columns, as in a forward of its own.
+    parts: list[tuple[int, int, ForwardContext]] | None = None
     _image_keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -214,11 +252,9 @@ def eager_attention(
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, : key.shape[-2]]
-    for hook in hooks:
-        logits = hook.edit_logits(module, logits, context)
+    logits = _edit(logits, hooks, "edit_logits", module, context, keyed=True)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    for hook in hooks:
-        weights = hook.edit_weights(module, weights, context)
+    weights = _edit(weights, hooks, "edit_weights", module, context, keyed=True)
     weights = weights.to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     outputs = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -249,9 +285,33 @@ def veridical_attention(
         outputs, weights = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    for hook in hooks:
-        outputs = hook.edit_outputs(module, outputs, context)
+    outputs = _edit(outputs, hooks, "edit_outputs", module, context, keyed=False)
     return outputs, weights
+
+
+def _edit(
+    tensor: torch.Tensor,
+    hooks: Collection[AttentionHook],
+    name: str,
+    module: nn.Module,
+    context: ForwardContext | None,
+    keyed: bool,
+) -> torch.Tensor:
+    """Apply every hook's ``name`` edit; per sequence (its rows, its key columns) in a fused forward."""
+    if not hooks:
+        return tensor
+    if context is None or context.parts is None:
+        for hook in hooks:
+            tensor = getattr(hook, name)(module, tensor, context)
+        return tensor
+    pieces = []
+    for start, pad, part in context.parts:
+        piece = tensor[start : start + part.rows]
+        padding, piece = (piece[..., :pad], piece[..., pad:]) if keyed else (None, piece)
+        for hook in hooks:
+            piece = getattr(hook, name)(module, piece, part)
+        pieces.append(torch.cat([padding, piece], dim=-1) if keyed and pad else piece)
+    return torch.cat(pieces)
 
 
 AttentionInterface.register(ATTENTION_NAME, veridical_attention)
@@ -297,10 +357,34 @@ class _InterceptionState:
                 image_mask = self.adapter.image_mask(input_ids)
             else:  # embeddings passed in directly, or a cache built outside: no known image tokens
                 image_mask = torch.zeros(rows, past + length, dtype=torch.bool, device=new.device)
-            sequence = SequenceState(image_mask=image_mask, auxiliary=getattr(_AUXILIARY, "depth", 0) > 0)
+            sequence = SequenceState(image_mask=image_mask, auxiliary=in_auxiliary_forward())
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
         self.current = ForwardContext(sequence=sequence, past=past, rows=rows, valid_keys=valid)
+        segments = getattr(cache, SEGMENTS, None) if past > 0 else None
+        if segments and rows == sum(segment.rows for segment in segments):
+            self.current.parts = self._parts(self.current, segments)
+
+    @staticmethod
+    def _parts(whole: ForwardContext, segments: list[Segment]) -> list[tuple[int, int, ForwardContext]]:
+        parts, start = [], 0
+        for segment in segments:
+            sequence = segment.sequence
+            if sequence is None and start == 0:
+                sequence = whole.sequence
+            elif sequence is None:  # joined while no hook tracked it: no known image tokens
+                empty = whole.sequence.image_mask.new_zeros(segment.rows, 0)
+                sequence = SequenceState(image_mask=empty, auxiliary=True)
+            valid = None if whole.valid_keys is None else whole.valid_keys[start : start + segment.rows]
+            context = ForwardContext(
+                sequence=sequence,
+                past=whole.past - segment.pad,
+                rows=segment.rows,
+                valid_keys=None if valid is None else valid[:, segment.pad :],
+            )
+            parts.append((start, segment.pad, context))
+            start += segment.rows
+        return parts
 
     def on_text_model_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = output_cache(output)
@@ -311,10 +395,28 @@ class _InterceptionState:
     def on_layer(self, layer_idx: int, hooks: tuple[AttentionHook, ...]):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            for hook in hooks:
-                hook.observe_layer_input(layer_idx, hidden, self.current)
+            context = self.current
+            parts = context.parts if context is not None and context.parts else [(0, 0, context)]
+            for start, _, part in parts:
+                rows = hidden if len(parts) == 1 else hidden[start : start + part.rows]
+                for hook in hooks:
+                    hook.observe_layer_input(layer_idx, rows, part)
 
         return pre_hook
+
+
+def sequence_of(model: nn.Module, cache: Any) -> SequenceState | None:
+    """What the hooks on ``model`` know of the sequence held in ``cache`` (``None``: no hooks)."""
+    state: _InterceptionState | None = getattr(model, _STATE, None)
+    return None if state is None or cache is None else state.sequences.get(cache)
+
+
+def share_sequence(model: nn.Module, source: Any, copy: Any) -> None:
+    """Let the hooks on ``model`` treat ``copy`` (a copy of the KV cache ``source``, rows repeated
+    or reordered within a prompt) as the same sequence: same image positions, same prefill store."""
+    state: _InterceptionState | None = getattr(model, _STATE, None)
+    if state is not None and source in state.sequences:
+        state.sequences[copy] = state.sequences[source]
 
 
 def _current_context(module: nn.Module) -> ForwardContext:

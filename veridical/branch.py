@@ -8,12 +8,14 @@ distorted inputs. :class:`Branch` runs those distorted inputs on its own KV cach
 - how many rows each prompt was expanded to (``num_beams`` and ``num_return_sequences``),
 - which row each current row continues after beam search reordered them (by matching prefixes),
 
-and works unchanged under greedy, sampling and beam search.
+and works unchanged under greedy, sampling and beam search. Inside a
+:class:`~veridical.fusion.BranchFusion` it runs only its prompt on its own, then joins the main
+forward's batch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +23,9 @@ from veridical.adapters import Inputs, ModelAdapter
 from veridical.attention import auxiliary_forwards
 from veridical.errors import InputError
 from veridical.outputs import cache_kwarg, output_cache
+
+if TYPE_CHECKING:
+    from veridical.fusion import BranchFusion
 
 
 class Branch:
@@ -30,7 +35,13 @@ class Branch:
     rows handed in continue it.
     """
 
-    def __init__(self, adapter: ModelAdapter, branch_inputs: Inputs, main_input_ids: torch.Tensor):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        branch_inputs: Inputs,
+        main_input_ids: torch.Tensor,
+        fusion: BranchFusion | None = None,
+    ):
         self.adapter = adapter
         self.inputs = dict(branch_inputs)
         self.prompt_ids = main_input_ids
@@ -39,6 +50,12 @@ class Branch:
         self.position_ids: torch.Tensor | None = None
         self.previous_ids: torch.Tensor | None = None
         self.expansion = 1
+        self.fusion = fusion
+        #: Set once the branch joined the main forward's batch: its logits arrive in ``pending``.
+        self.fused = False
+        self.pending: torch.Tensor | None = None
+        #: Left padding of this branch's rows in the shared cache.
+        self.pad = 0
 
     @torch.no_grad()
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -84,6 +101,8 @@ class Branch:
             self.attention_mask = mask.repeat_interleave(self.expansion, dim=0)
             self.position_ids = self.position_ids.repeat_interleave(self.expansion, dim=-2)
             logits = logits.repeat_interleave(self.expansion, dim=0)
+        if self.fusion is not None and self.fusion.join(self):
+            self.fused, self.cache = True, None
         return logits
 
     def _step(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -93,13 +112,17 @@ class Branch:
                 "the contrast branch lost track of generation (rows or length changed unexpectedly); "
                 "build a new method instance for every generate() call"
             )
+        if self.fused:  # the main forward ran this branch's rows too; generate() reordered them
+            logits, self.pending = self.pending, None
+            if logits is None:
+                raise RuntimeError("the fused contrast branch got no logits from this step's forward")
+            return logits
         parents = self._parents(input_ids[:, :-1], previous)
         identity = torch.arange(len(parents), device=parents.device)
         if not torch.equal(parents, identity):
             self.cache.reorder_cache(parents.to(self.attention_mask.device))
         new_tokens = input_ids[:, -1:]
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new_tokens)], dim=1)
-        self.position_ids = self.position_ids + 1
+        self.advance(1)
         module = self.adapter.decode_module()
         kwargs = {cache_kwarg(module): self.cache}
         out = module(
@@ -110,6 +133,12 @@ class Branch:
             **kwargs,
         )
         return out.logits[:, -1, :].float()
+
+    def advance(self, tokens: int) -> None:
+        """Extend the attention mask and positions by ``tokens`` new tokens."""
+        new = self.attention_mask.new_ones(self.attention_mask.shape[0], tokens)
+        self.attention_mask = torch.cat([self.attention_mask, new], dim=1)
+        self.position_ids = self.position_ids + tokens
 
     def _parents(self, prefixes: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Index of the previous row each current row continues (rows only move within a prompt)."""

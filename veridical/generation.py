@@ -10,7 +10,9 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from veridical.adapters import Inputs
+from veridical.decoders.contrastive import ContrastiveDecoder
 from veridical.errors import MethodSpecError
+from veridical.fusion import BranchFusion
 from veridical.registry import MethodSpec, build_method
 
 
@@ -21,7 +23,8 @@ def generate(
 
     Decoders (logits processors) are appended after any ``logits_processor`` the caller passes;
     head methods (context managers) are active for exactly the span of the call and removed
-    afterwards, also when generation raises. ``methods=[]`` is exactly ``model.generate``.
+    afterwards, also when generation raises. Contrast branches run batched with the main rows
+    (:mod:`veridical.fusion`). ``methods=[]`` is exactly ``model.generate``.
     """
     if not methods:
         return model.generate(**inputs, **generate_kwargs)
@@ -46,4 +49,7 @@ def generate(
                 processors.append(extra)
         if loops:
             return loops[0].custom_generate(logits_processor=processors, **generate_kwargs)
+        branched = [p for p in processors if isinstance(p, ContrastiveDecoder)]
+        if branched:
+            stack.enter_context(BranchFusion(model, branched))
         return model.generate(**inputs, logits_processor=processors, **generate_kwargs)

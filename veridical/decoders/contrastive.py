@@ -9,6 +9,7 @@ from transformers import LogitsProcessor
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.branch import Branch
 from veridical.errors import MethodSpecError
+from veridical.fusion import BranchFusion
 
 
 class ContrastiveDecoder(LogitsProcessor):
@@ -17,6 +18,10 @@ class ContrastiveDecoder(LogitsProcessor):
     Subclasses build the contrast inputs and implement :meth:`combine`. The branch keeps its own
     KV cache, follows beam reordering and expanded rows (see :class:`veridical.branch.Branch`).
     One instance serves one ``generate()`` call.
+
+    Used as a context manager around ``generate()`` (``veridical.generate`` does this), the branch
+    runs in the same batched forward as the main rows from the second token on
+    (:class:`veridical.fusion.BranchFusion`); as a bare logits processor it runs its own forward.
     """
 
     def __init__(self, model: nn.Module, inputs: Inputs):
@@ -24,8 +29,20 @@ class ContrastiveDecoder(LogitsProcessor):
         self.adapter.validate_inputs(inputs)
         self.inputs = inputs
         self._branch: Branch | None = None
+        #: The fusion the branch joins, set while one is entered for this decoder.
+        self.fusion: BranchFusion | None = None
+        self._own_fusion: BranchFusion | None = None
         #: Tokens generated before the current step (0 at the first generated token).
         self.generated = 0
+
+    def __enter__(self) -> ContrastiveDecoder:
+        self._own_fusion = BranchFusion(self.adapter.model, [self]).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fusion, self._own_fusion = self._own_fusion, None
+        if fusion is not None:
+            fusion.__exit__(*exc)
 
     def contrast_inputs(self) -> Inputs:
         """Inputs of the contrast branch; called once, lazily, at the first generation step."""
@@ -37,7 +54,8 @@ class ContrastiveDecoder(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._branch is None:
-            self._branch = Branch(self.adapter, self.contrast_inputs(), self.inputs["input_ids"])
+            branch_inputs = self.contrast_inputs()
+            self._branch = Branch(self.adapter, branch_inputs, self.inputs["input_ids"], self.fusion)
         self.generated = input_ids.shape[1] - self.inputs["input_ids"].shape[1]
         contrast = self._branch.next_logits(input_ids).to(scores.device)
         # Scores are raw logits under greedy/sampling and log-probabilities under beam search; the
