@@ -66,20 +66,27 @@ def running_prompts(indices: list[int]) -> Iterator[None]:
 _FUSED = threading.local()
 
 
-def fused_rows(rows: list[int] | None) -> None:
-    """Declare the forward about to run as branches batched together (``rows`` per branch, main
-    first; see :mod:`veridical.fusion`), or ``None`` once it is done."""
-    _FUSED.rows = rows
+def fused_rows(segments: list[Segment] | None) -> None:
+    """Declare the forward about to run as several sequences batched together (their segments in
+    row order; see :mod:`veridical.fusion`), or ``None`` once it is done."""
+    _FUSED.segments = segments
 
 
 def prompt_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """A per-prompt tensor for the ``rows`` of the running forward (see :func:`running_prompts`).
 
-    In a fused forward every branch's rows get the tensor, as each would in a forward of its own.
+    In a forward of several sequences batched together, every sequence's rows get what they would
+    get in a forward of their own.
     """
-    fused = getattr(_FUSED, "rows", None)
-    if fused and rows == sum(fused):
-        return torch.cat([prompt_rows(tensor, part) for part in fused])
+    segments = getattr(_FUSED, "segments", None)
+    if segments and rows == sum(segment.rows for segment in segments):
+        return torch.cat([_prompt_rows(tensor, segment.rows, segment.prompt) for segment in segments])
+    return _prompt_rows(tensor, rows, None)
+
+
+def _prompt_rows(tensor: torch.Tensor, rows: int, prompt: int | None) -> torch.Tensor:
+    if prompt is not None:
+        return expand_rows(tensor[prompt : prompt + 1], rows)
     indices = getattr(_PROMPTS, "indices", None)
     if indices is not None:
         tensor = tensor[indices]
@@ -162,6 +169,8 @@ class Segment:
     pad: int
     #: The sequence's own state; ``None`` for the first (main) segment, known from the cache.
     sequence: SequenceState | None
+    #: The prompt (of the batch the methods were built for) these rows decode, when only one.
+    prompt: int | None = None
 
 
 @dataclass
@@ -178,6 +187,8 @@ class ForwardContext:
     #: In a forward of several sequences batched together, ``(first row, left padding, context)`` of
     #: each: hooks edit each part in that sequence's own key columns, as in a forward of its own.
     parts: list[tuple[int, int, ForwardContext]] | None = None
+    #: The one prompt all rows decode (a part of a forward over several prompts), if so.
+    prompt: int | None = None
     _image_keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -201,7 +212,7 @@ class ForwardContext:
 
     def per_prompt(self, tensor: torch.Tensor) -> torch.Tensor:
         """A per-prompt tensor of the batch a method was built for, for this forward's rows."""
-        return prompt_rows(tensor, self.rows)
+        return _prompt_rows(tensor, self.rows, self.prompt)
 
 
 class AttentionHook:
@@ -381,6 +392,7 @@ class _InterceptionState:
                 past=whole.past - segment.pad,
                 rows=segment.rows,
                 valid_keys=None if valid is None else valid[:, segment.pad :],
+                prompt=segment.prompt,
             )
             parts.append((start, segment.pad, context))
             start += segment.rows

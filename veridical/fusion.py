@@ -148,15 +148,15 @@ class BranchFusion:
             branch_mask = pad_left(branch.attention_mask.to(mask.dtype), branch.pad, dim=1)
             masks.append(branch_mask)
             all_positions.append(_positions_like(positions, branch.position_ids, branch_mask))
-        segments = len(self.branches) + 1
+        segments = getattr(cache, SEGMENTS)
         kwargs = dict(kwargs)
         for key, value in kwargs.items():
             if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == self.rows:
-                kwargs[key] = value.repeat(segments, *[1] * (value.dim() - 1))
+                kwargs[key] = value.repeat(len(segments), *[1] * (value.dim() - 1))
         kwargs["attention_mask"] = torch.cat(masks)
         kwargs["position_ids"] = torch.cat(all_positions, dim=0 if positions.dim() == 2 else 1)
         self._running = "fused"
-        fused_rows([self.rows] * segments)
+        fused_rows(segments)
         return args, kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

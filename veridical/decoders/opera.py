@@ -17,13 +17,18 @@ from transformers.generation.stopping_criteria import (
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.attention import (
+    SEGMENTS,
     AttentionHook,
     ForwardContext,
+    Segment,
+    fused_rows,
     intercept_attention,
     running_prompts,
+    sequence_of,
     share_sequence,
 )
 from veridical.errors import MethodSpecError
+from veridical.fusion import pad_left
 from veridical.outputs import cache_kwarg, output_cache
 from veridical.registry import register_method
 
@@ -31,15 +36,33 @@ PRESETS = {"default": {}, "fast": {"threshold": 25, "num_candidates": 1}}
 
 
 class _LastQueryAttention(AttentionHook):
-    """The last layer's attention of the newest query, max over heads: ``(rows, keys)``."""
+    """The last layer's attention of the newest query, max over heads: ``(rows, keys)`` per prompt.
+
+    A forward over several prompts gives one entry per prompt, each over that prompt's own keys.
+    """
 
     def __init__(self, layer: int):
         self.layers = [layer]
-        self.row: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []
+
+    @property
+    def row(self) -> torch.Tensor:
+        return self.rows[-1]
 
     def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        self.row = weights[:, :, -1, :].amax(dim=1).float()
+        self.rows.append(weights[:, :, -1, :].amax(dim=1).float())
         return weights
+
+
+@dataclass
+class _LookAhead:
+    """One prompt's request: every beam's candidates as one new token each, against its cache."""
+
+    cache: Any
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    repeat: int
 
 
 def column_scores(local: torch.Tensor) -> torch.Tensor:
@@ -175,13 +198,77 @@ class OPERA:
                 "the step's forward); use VISTA with logits_alpha=0 (steering only)"
             )
         hook = _LastQueryAttention(self.adapter.num_layers - 1)
-        outputs = []
+        # Each prompt decodes (and rolls back) on its own; their look-aheads share one forward.
+        decoders, requests, outputs = {}, {}, {}
         with intercept_attention(self.model, hook):
             for index, sample in enumerate(self.adapter.split_inputs(self.inputs)):
                 self.step_scores.append([])
-                with running_prompts([index]):
-                    outputs.append(self._decode(index, sample, config, processors, hook))
-        return self._batch(outputs, config)
+                decoders[index] = self._decode(index, sample, config, processors, hook)
+                requests[index] = next(decoders[index])
+            while requests:
+                for index, result in self._look_ahead(requests, hook).items():
+                    try:
+                        requests[index] = decoders[index].send(result)
+                    except StopIteration as finished:
+                        outputs[index] = finished.value
+                        del requests[index]
+        return self._batch([outputs[index] for index in sorted(outputs)], config)
+
+    def _look_ahead(self, requests: dict[int, _LookAhead], hook: _LastQueryAttention) -> dict[int, tuple]:
+        """Every request in one forward; per prompt its logits, attention rows and look-ahead cache.
+
+        The prompts' caches are repeated per candidate and left-padded to one length; head methods and
+        the attention hook see each prompt's rows in its own key columns (``Segment``).
+        """
+        order = sorted(requests)
+        length = max(requests[i].cache.get_seq_length() for i in order)
+        segments = [
+            Segment(
+                rows=requests[i].tokens.shape[0],
+                pad=length - requests[i].cache.get_seq_length(),
+                sequence=sequence_of(self.model, requests[i].cache),
+                prompt=i,
+            )
+            for i in order
+        ]
+        shared = _empty_like(requests[order[0]].cache)
+        for layer_index, layer in enumerate(shared.layers):
+            for name in ("keys", "values"):
+                parts = [
+                    pad_left(
+                        getattr(requests[i].cache.layers[layer_index], name).repeat_interleave(
+                            requests[i].repeat, dim=0
+                        ),
+                        segment.pad,
+                        dim=2,
+                    )
+                    for i, segment in zip(order, segments, strict=True)
+                ]
+                setattr(layer, name, torch.cat(parts))
+        setattr(shared, SEGMENTS, segments)
+        masks = [pad_left(requests[i].mask, s.pad, dim=1) for i, s in zip(order, segments, strict=True)]
+        hook.rows.clear()
+        fused_rows(segments)
+        try:
+            logits = self._forward(
+                shared,
+                torch.cat([requests[i].tokens for i in order]),
+                torch.cat(masks),
+                torch.cat([requests[i].positions for i in order], dim=-2),
+            )
+        finally:
+            fused_rows(None)
+        results, start = {}, 0
+        for i, segment, row in zip(order, segments, hook.rows, strict=True):
+            ahead = _empty_like(shared)
+            delattr(ahead, SEGMENTS)
+            for layer, whole in zip(ahead.layers, shared.layers, strict=True):
+                layer.keys = whole.keys[start : start + segment.rows, :, segment.pad :]
+                layer.values = whole.values[start : start + segment.rows, :, segment.pad :]
+            share_sequence(self.model, requests[i].cache, ahead)
+            results[i] = (logits[start : start + segment.rows], row, ahead)
+            start += segment.rows
+        return results
 
     def _batch(self, generated: list[torch.Tensor], config) -> torch.Tensor:
         prompt = self.inputs["input_ids"]
@@ -222,9 +309,10 @@ class OPERA:
 
         # Prefill once, then expand to the beams.
         positions = adapter.prefill_position_ids(sample)
-        out = adapter.prefill_module(sample)(
-            **sample, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        with running_prompts([index]):
+            out = adapter.prefill_module(sample)(
+                **sample, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
         cache = output_cache(out)
         prefill_logits = out.logits[:, -1].float().expand(beams, -1).clone()
         cache.batch_repeat_interleave(beams)
@@ -241,14 +329,16 @@ class OPERA:
             n = state.cur_len - prompt_len  # tokens generated so far by the running beams
             snapshots.append(state.snapshot(attention, history))
             cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
-            # Look-ahead: every beam's candidates in one forward from a copy of the cache.
-            ahead = cache_copy(cache, n_can)
-            share_sequence(model, cache, ahead)  # head methods edit the look-aheads as the prompt
-            ahead_out = self._step(
-                ahead, candidates.reshape(-1, 1), state.attention_mask(n + 1, n_can), first_position, n, n_can
+            # Look-ahead: every beam's candidates as rows of one forward (with the other prompts').
+            ahead_out, ahead_rows, ahead = yield _LookAhead(
+                cache=cache,
+                tokens=candidates.reshape(-1, 1),
+                mask=state.attention_mask(n + 1, n_can),
+                positions=(first_position + n).repeat_interleave(n_can, dim=-2),
+                repeat=n_can,
             )
             penalty, locations, generated_part = self._penalties(
-                hook.row.view(beams, n_can, -1), attention, image
+                ahead_rows.view(beams, n_can, -1), attention, image
             )
             slot_locations = locations.mode(dim=-1).values  # (beams,)
             history = torch.cat([history, slot_locations[:, None]], dim=1)
@@ -263,7 +353,8 @@ class OPERA:
                 del snapshots[target + 1 :]
                 if cache.get_seq_length() > prompt_len:  # keep the prompt, drop the response
                     cache.crop(prompt_len - cache.get_seq_length())
-                logits = self._replay(cache, state, first_position, target, prefill_logits)
+                with running_prompts([index]):
+                    logits = self._replay(cache, state, first_position, target, prefill_logits)
                 # As the code: the banned continuations drop to the row's lowest logit (not -inf), and the
                 # re-decision uses the whole vocabulary without a penalty.
                 next_logits = logits.clone()
@@ -295,9 +386,11 @@ class OPERA:
                 new_rows = generated_part.reshape(beams * n_can, -1)[chosen_rows]
             else:
                 cache.reorder_cache(parents)
-                logits = self._step(
-                    cache, tokens[:, None], state.attention_mask(n + 1, 1), first_position, n, 1
-                )
+                hook.rows.clear()
+                with running_prompts([index]):
+                    logits = self._forward(
+                        cache, tokens[:, None], state.attention_mask(n + 1, 1), first_position + n
+                    )
                 new_rows = hook.row[:, prompt_len:]
                 new_rows = new_rows / hook.row.sum(dim=-1, keepdim=True)
             attention = torch.cat(
@@ -339,14 +432,13 @@ class OPERA:
         rollbacks_at[target] += 1
         return target
 
-    def _step(self, cache, tokens, mask, first_position, n, repeat) -> torch.Tensor:
+    def _forward(self, cache, tokens, mask, positions) -> torch.Tensor:
         """One new token per row against ``cache``; float32 next-token logits."""
         module = self.adapter.decode_module()
-        position = (first_position + n).repeat_interleave(repeat, dim=-2)
         out = module(
             input_ids=tokens,
             attention_mask=mask,
-            position_ids=position,
+            position_ids=positions,
             use_cache=True,
             **{cache_kwarg(module): cache},
         )
@@ -370,14 +462,11 @@ class OPERA:
         return out.logits[:, -1].float()
 
 
-def cache_copy(cache, repeat: int):
-    """A deep copy of a KV cache with every row repeated ``repeat`` times."""
-    ahead = copy.copy(cache)
-    ahead.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in ahead.layers:
-        layer.keys = layer.keys.repeat_interleave(repeat, dim=0)
-        layer.values = layer.values.repeat_interleave(repeat, dim=0)
-    return ahead
+def _empty_like(cache):
+    """A new cache object of ``cache``'s kind whose layers still point at its tensors (to be replaced)."""
+    fresh = copy.copy(cache)
+    fresh.layers = [copy.copy(layer) for layer in cache.layers]
+    return fresh
 
 
 class _BeamState:
