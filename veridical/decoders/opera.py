@@ -113,8 +113,8 @@ class OPERA:
     Beyond every released implementation: batches of any size (each prompt decodes, and rolls back,
     on its own), rollback keeps the prompt's KV cache and re-runs only the kept response tokens,
     the chosen candidate's look-ahead forward is reused as the next step's forward (its logits and
-    cache), and the look-aheads of all candidates run as one batched forward. ``preset="fast"`` is
-    the official fast setting (``threshold=25, num_candidates=1``).
+    cache), and the look-aheads of all candidates of all prompts run as one batched forward.
+    ``preset="fast"`` is the official fast setting (``threshold=25, num_candidates=1``).
 
     OPERA is a generation loop, not a logits processor: use ``veridical.generate(model, inputs,
     methods=["opera"], num_beams=5, max_new_tokens=...)``. Head methods compose with it; logits
