@@ -43,6 +43,11 @@ def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def stack_padded(tensors: list[torch.Tensor], pads: list[int], dim: int) -> torch.Tensor:
+    """Rows of several sequences in one tensor, each left-padded by its ``pads`` entry along ``dim``."""
+    return torch.cat([pad_left(tensor, pad, dim) for tensor, pad in zip(tensors, pads, strict=True)])
+
+
 class BranchFusion:
     """Batches the contrast branches of ``decoders`` into ``model``'s own forwards inside ``with``.
 
@@ -93,8 +98,8 @@ class BranchFusion:
             return False
         pad = main_len - branch_len
         for layer, extra in zip(cache.layers, own.layers, strict=True):
-            layer.keys = torch.cat([layer.keys, pad_left(extra.keys, pad, dim=2)])
-            layer.values = torch.cat([layer.values, pad_left(extra.values, pad, dim=2)])
+            layer.keys = stack_padded([layer.keys, extra.keys], [0, pad], dim=2)
+            layer.values = stack_padded([layer.values, extra.values], [0, pad], dim=2)
         segments = getattr(cache, SEGMENTS, None) or [Segment(rows, 0, None)]
         setattr(cache, SEGMENTS, [*segments, Segment(rows, pad, sequence_of(self.model, own))])
         # generate() reorders beams through the cache it holds; every branch's rows must follow.

@@ -28,7 +28,7 @@ from veridical.attention import (
     share_sequence,
 )
 from veridical.errors import MethodSpecError
-from veridical.fusion import pad_left
+from veridical.fusion import stack_padded
 from veridical.outputs import cache_kwarg, output_cache
 from veridical.registry import register_method
 
@@ -231,37 +231,31 @@ class OPERA:
             )
             for i in order
         ]
+        pads = [segment.pad for segment in segments]
         shared = _empty_like(requests[order[0]].cache)
         for layer_index, layer in enumerate(shared.layers):
             for name in ("keys", "values"):
-                parts = [
-                    pad_left(
-                        getattr(requests[i].cache.layers[layer_index], name).repeat_interleave(
-                            requests[i].repeat, dim=0
-                        ),
-                        segment.pad,
-                        dim=2,
-                    )
-                    for i, segment in zip(order, segments, strict=True)
+                own = [getattr(requests[i].cache.layers[layer_index], name) for i in order]
+                repeated = [
+                    t.repeat_interleave(requests[i].repeat, dim=0) for i, t in zip(order, own, strict=True)
                 ]
-                setattr(layer, name, torch.cat(parts))
+                setattr(layer, name, stack_padded(repeated, pads, dim=2))
         setattr(shared, SEGMENTS, segments)
-        masks = [pad_left(requests[i].mask, s.pad, dim=1) for i, s in zip(order, segments, strict=True)]
+        mask = stack_padded([requests[i].mask for i in order], pads, dim=1)
         hook.rows.clear()
         fused_rows(segments)
         try:
             logits = self._forward(
                 shared,
                 torch.cat([requests[i].tokens for i in order]),
-                torch.cat(masks),
+                mask,
                 torch.cat([requests[i].positions for i in order], dim=-2),
             )
         finally:
             fused_rows(None)
         results, start = {}, 0
         for i, segment, row in zip(order, segments, hook.rows, strict=True):
-            ahead = _empty_like(shared)
-            delattr(ahead, SEGMENTS)
+            ahead = _empty_like(requests[i].cache)
             for layer, whole in zip(ahead.layers, shared.layers, strict=True):
                 layer.keys = whole.keys[start : start + segment.rows, :, segment.pad :]
                 layer.values = whole.values[start : start + segment.rows, :, segment.pad :]
