@@ -122,6 +122,22 @@ def fit_keys(tensor: torch.Tensor, keys: int) -> torch.Tensor:
     return torch.cat([tensor, pad], dim=-1)
 
 
+_ALTERNATIVES = threading.local()
+
+
+@contextmanager
+def alternative_tokens(width: int) -> Iterator[None]:
+    """The forwards inside append ``width`` alternative next tokens to every row (OPERA's look-ahead
+    candidates: each query sees the cache and itself only), so each of the last ``width`` queries is
+    its row's newest token (:attr:`ForwardContext.newest`)."""
+    previous = getattr(_ALTERNATIVES, "width", 1)
+    _ALTERNATIVES.width = width
+    try:
+        yield
+    finally:
+        _ALTERNATIVES.width = previous
+
+
 _AUXILIARY = threading.local()
 
 
@@ -189,6 +205,9 @@ class ForwardContext:
     parts: list[tuple[int, int, ForwardContext]] | None = None
     #: The one prompt all rows decode (a part of a forward over several prompts), if so.
     prompt: int | None = None
+    #: Trailing queries that are each a row's newest token: 1, or the width of
+    #: :func:`alternative_tokens`. Edits of "the last query" apply to all of them.
+    newest: int = 1
     _image_keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -371,7 +390,13 @@ class _InterceptionState:
             sequence = SequenceState(image_mask=image_mask, auxiliary=in_auxiliary_forward())
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
-        self.current = ForwardContext(sequence=sequence, past=past, rows=rows, valid_keys=valid)
+        self.current = ForwardContext(
+            sequence=sequence,
+            past=past,
+            rows=rows,
+            valid_keys=valid,
+            newest=getattr(_ALTERNATIVES, "width", 1),
+        )
         segments = getattr(cache, SEGMENTS, None) if past > 0 else None
         if segments and rows == sum(segment.rows for segment in segments):
             self.current.parts = self._parts(self.current, segments)
@@ -393,6 +418,7 @@ class _InterceptionState:
                 rows=segment.rows,
                 valid_keys=None if valid is None else valid[:, segment.pad :],
                 prompt=segment.prompt,
+                newest=whole.newest,
             )
             parts.append((start, segment.pad, context))
             start += segment.rows

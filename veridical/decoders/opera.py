@@ -21,6 +21,7 @@ from veridical.attention import (
     AttentionHook,
     ForwardContext,
     Segment,
+    alternative_tokens,
     fused_rows,
     intercept_attention,
     running_prompts,
@@ -36,9 +37,10 @@ PRESETS = {"default": {}, "fast": {"threshold": 25, "num_candidates": 1}}
 
 
 class _LastQueryAttention(AttentionHook):
-    """The last layer's attention of the newest query, max over heads: ``(rows, keys)`` per prompt.
+    """The last layer's attention of each row's newest query (or queries), max over heads.
 
-    A forward over several prompts gives one entry per prompt, each over that prompt's own keys.
+    Each forward adds ``(rows, newest queries, keys)``; a forward over several prompts adds one entry
+    per prompt, each over that prompt's own keys.
     """
 
     def __init__(self, layer: int):
@@ -47,22 +49,53 @@ class _LastQueryAttention(AttentionHook):
 
     @property
     def row(self) -> torch.Tensor:
-        return self.rows[-1]
+        """``(rows, keys)``: the last query of the last forward."""
+        return self.rows[-1][:, -1]
 
     def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        self.rows.append(weights[:, :, -1, :].amax(dim=1).float())
+        self.rows.append(weights[:, :, -context.newest :, :].amax(dim=1).float())
         return weights
 
 
 @dataclass
 class _LookAhead:
-    """One prompt's request: every beam's candidates as one new token each, against its cache."""
+    """One prompt's request: each beam's candidate tokens ``(beams, candidates)``, all at ``positions``."""
 
     cache: Any
     tokens: torch.Tensor
-    mask: torch.Tensor
     positions: torch.Tensor
-    repeat: int
+
+
+def tree_mask(pads: list[int], rows: list[int], length: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``(rows, 1, width, length + width)`` for ``width`` alternative next tokens per row.
+
+    Every query sees its row's real cache columns (those after the ``pads`` left padding of its
+    sequence) and, of the ``width`` new columns, only its own: each candidate attends as if it were the
+    only token appended.
+    """
+    columns = torch.arange(length)
+    prefix = torch.cat(
+        [(columns >= pad).expand(count, length) for pad, count in zip(pads, rows, strict=True)]
+    )
+    own = torch.eye(width, dtype=torch.bool)
+    visible = torch.cat(
+        [prefix[:, None, :].expand(-1, width, -1), own.expand(prefix.shape[0], width, width)], dim=-1
+    )
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def keep_candidate(cache: Any, rows: torch.Tensor, length: int, chosen: torch.Tensor) -> None:
+    """Cut a look-ahead cache (``length`` columns + the candidates) to one candidate per row, in place.
+
+    New row ``r`` is old row ``rows[r]`` with the candidate column ``length + chosen[r]`` appended.
+    """
+    index = torch.arange(len(rows))
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            kept = getattr(layer, name)[rows]
+            kept[:, :, length] = kept[index, :, length + chosen]
+            setattr(layer, name, kept[:, :, : length + 1])
 
 
 def column_scores(local: torch.Tensor) -> torch.Tensor:
@@ -221,45 +254,48 @@ class OPERA:
         the attention hook see each prompt's rows in its own key columns (``Segment``).
         """
         order = sorted(requests)
-        length = max(requests[i].cache.get_seq_length() for i in order)
+        lengths = [requests[i].cache.get_seq_length() for i in order]
+        length = max(lengths)
         segments = [
             Segment(
                 rows=requests[i].tokens.shape[0],
-                pad=length - requests[i].cache.get_seq_length(),
+                pad=length - own,
                 sequence=sequence_of(self.model, requests[i].cache),
                 prompt=i,
             )
-            for i in order
+            for i, own in zip(order, lengths, strict=True)
         ]
         pads = [segment.pad for segment in segments]
         shared = _empty_like(requests[order[0]].cache)
         for layer_index, layer in enumerate(shared.layers):
             for name in ("keys", "values"):
                 own = [getattr(requests[i].cache.layers[layer_index], name) for i in order]
-                repeated = [
-                    t.repeat_interleave(requests[i].repeat, dim=0) for i, t in zip(order, own, strict=True)
-                ]
-                setattr(layer, name, stack_padded(repeated, pads, dim=2))
+                setattr(layer, name, stack_padded(own, pads, dim=2))
         setattr(shared, SEGMENTS, segments)
-        mask = stack_padded([requests[i].mask for i in order], pads, dim=1)
+        width = self.num_candidates
+        keys = shared.layers[0].keys
+        mask = tree_mask(pads, [s.rows for s in segments], length, width, keys.dtype).to(keys.device)
         hook.rows.clear()
         fused_rows(segments)
         try:
-            logits = self._forward(
-                shared,
-                torch.cat([requests[i].tokens for i in order]),
-                mask,
-                torch.cat([requests[i].positions for i in order], dim=-2),
-            )
+            with alternative_tokens(width):
+                logits = self._forward(
+                    shared,
+                    torch.cat([requests[i].tokens for i in order]),
+                    mask,
+                    torch.cat([requests[i].positions for i in order], dim=-2),
+                )
         finally:
             fused_rows(None)
         results, start = {}, 0
-        for i, segment, row in zip(order, segments, hook.rows, strict=True):
+        for i, segment, own, row in zip(order, segments, lengths, hook.rows, strict=True):
             ahead = _empty_like(requests[i].cache)
             for layer, whole in zip(ahead.layers, shared.layers, strict=True):
                 layer.keys = whole.keys[start : start + segment.rows, :, segment.pad :]
                 layer.values = whole.values[start : start + segment.rows, :, segment.pad :]
             share_sequence(self.model, requests[i].cache, ahead)
+            # Each candidate's row over its cache and its own column (the others are masked out).
+            row = torch.cat([row[..., :own], row[..., own:].diagonal(dim1=1, dim2=2)[..., None]], dim=-1)
             results[i] = (logits[start : start + segment.rows], row, ahead)
             start += segment.rows
         return results
@@ -323,17 +359,15 @@ class OPERA:
             n = state.cur_len - prompt_len  # tokens generated so far by the running beams
             snapshots.append(state.snapshot(attention, history))
             cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
-            # Look-ahead: every beam's candidates as rows of one forward (with the other prompts').
+            # Look-ahead: every beam's candidates as parallel queries of one forward (with the other
+            # prompts').
+            length = cache.get_seq_length()
             ahead_out, ahead_rows, ahead = yield _LookAhead(
                 cache=cache,
-                tokens=candidates.reshape(-1, 1),
-                mask=state.attention_mask(n + 1, n_can),
-                positions=(first_position + n).repeat_interleave(n_can, dim=-2),
-                repeat=n_can,
+                tokens=candidates,
+                positions=(first_position + n).expand(*first_position.shape[:-1], n_can),
             )
-            penalty, locations, generated_part = self._penalties(
-                ahead_rows.view(beams, n_can, -1), attention, image
-            )
+            penalty, locations, generated_part = self._penalties(ahead_rows, attention, image)
             slot_locations = locations.mode(dim=-1).values  # (beams,)
             history = torch.cat([history, slot_locations[:, None]], dim=1)
             location = int(slot_locations.mode().values)
@@ -358,7 +392,7 @@ class OPERA:
             else:
                 next_logits = torch.full_like(logits, -999.0)
                 next_logits.scatter_(-1, candidates, cand_scores - self.penalty_weight * penalty)
-                lookahead = (ahead, ahead_out, candidates, generated_part)
+                lookahead = (ahead, ahead_out, candidates, generated_part, length)
             log_probs = torch.log_softmax(next_logits, dim=-1)
             log_probs = processors(state.flat_sequences(), log_probs)
             self.step_scores[index].append(log_probs)
@@ -371,20 +405,19 @@ class OPERA:
                 (lookahead[2][parents] == tokens[:, None]).any(dim=-1).all()
             )
             if reuse:
-                ahead, ahead_out, candidates, generated_part = lookahead
+                ahead, ahead_out, candidates, generated_part, length = lookahead
                 which = (candidates[parents] == tokens[:, None]).int().argmax(dim=-1)
-                chosen_rows = parents * n_can + which
-                ahead.reorder_cache(chosen_rows)
+                keep_candidate(ahead, parents, length, which)
                 cache = ahead
-                logits = ahead_out[chosen_rows]
-                new_rows = generated_part.reshape(beams * n_can, -1)[chosen_rows]
+                logits = ahead_out[parents, which]
+                new_rows = generated_part[parents, which]
             else:
                 cache.reorder_cache(parents)
                 hook.rows.clear()
                 with running_prompts([index]):
                     logits = self._forward(
-                        cache, tokens[:, None], state.attention_mask(n + 1, 1), first_position + n
-                    )
+                        cache, tokens[:, None], state.attention_mask(n + 1), first_position + n
+                    )[:, -1]
                 new_rows = hook.row[:, prompt_len:]
                 new_rows = new_rows / hook.row.sum(dim=-1, keepdim=True)
             attention = torch.cat(
@@ -427,7 +460,7 @@ class OPERA:
         return target
 
     def _forward(self, cache, tokens, mask, positions) -> torch.Tensor:
-        """One new token per row against ``cache``; float32 next-token logits."""
+        """New tokens ``(rows, queries)`` against ``cache``; float32 logits ``(rows, queries, vocab)``."""
         module = self.adapter.decode_module()
         out = module(
             input_ids=tokens,
@@ -436,7 +469,7 @@ class OPERA:
             use_cache=True,
             **{cache_kwarg(module): cache},
         )
-        return out.logits[:, -1].float()
+        return out.logits.float()
 
     def _replay(self, cache, state, first_position, target, prefill_logits) -> torch.Tensor:
         """Re-feed the kept response tokens (``target`` of them) after the prompt's cache."""
@@ -448,7 +481,7 @@ class OPERA:
         position = first_position + offsets
         out = module(
             input_ids=tokens,
-            attention_mask=state.attention_mask(target, 1),
+            attention_mask=state.attention_mask(target),
             position_ids=position,
             use_cache=True,
             **{cache_kwarg(module): cache},
@@ -523,9 +556,9 @@ class _BeamState:
     def response(self, length: int) -> torch.Tensor:
         return self.running_sequences[0, :, self.prompt_len : self.prompt_len + length]
 
-    def attention_mask(self, generated: int, repeat: int) -> torch.Tensor:
+    def attention_mask(self, generated: int) -> torch.Tensor:
         return torch.ones(
-            self.beams * repeat,
+            self.beams,
             self.prompt_len + generated,
             dtype=torch.long,
             device=self.running_sequences.device,

@@ -68,7 +68,7 @@ class PAI(HeadMethod):
             self.logits_processor = VCD(model, inputs, alpha=gamma - 1, beta=0.1, contrast="no_image")
 
     def key_weights(self, context: ForwardContext, keys: int) -> torch.Tensor:
-        """``(rows, keys)`` amplification of each key column for the last query."""
+        """``(rows, keys)`` amplification of each key column for the newest query."""
         return context.image_keys(keys).float() * self.alpha
 
     def head_weights(self, layer: int, context: ForwardContext) -> torch.Tensor | None:
@@ -83,7 +83,9 @@ class PAI(HeadMethod):
         per_head = self.head_weights(module.layer_idx, context)
         if per_head is not None:
             weights = weights * per_head[:, :, None].to(weights)
-        last = logits[:, :, -1, :]
+        newest = logits[:, :, -context.newest :, :]
         logits = logits.clone()
-        logits[:, :, -1, :] = last + (weights * last.float().abs()).to(last.dtype)
+        logits[:, :, -context.newest :, :] = newest + (weights[:, :, None] * newest.float().abs()).to(
+            newest.dtype
+        )
         return logits
