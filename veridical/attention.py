@@ -259,12 +259,6 @@ class AttentionHook:
         """The residual stream ``(rows, queries, hidden)`` entering decoder layer ``layer_idx``."""
 
 
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return states
-    return states.repeat_interleave(groups, dim=1)
-
-
 def eager_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -276,10 +270,15 @@ def eager_attention(
     hooks: Collection[AttentionHook] = (),
     context: ForwardContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' eager attention with hook points; softmax in float32 as the reference does."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """transformers' eager attention with hook points; softmax in float32 as the reference does.
+
+    Grouped-query heads are multiplied against their shared key/value head directly (the queries of
+    a group stacked), not against copies of it: the same numbers without copying the cache per head.
+    """
+    batch, heads, queries, dim = query.shape
+    groups = heads // key.shape[1]
+    grouped = query.reshape(batch, key.shape[1], groups * queries, dim)
+    logits = torch.matmul(grouped, key.transpose(2, 3)).view(batch, heads, queries, -1) * scaling
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, : key.shape[-2]]
     logits = _edit(logits, hooks, "edit_logits", module, context, keyed=True)
@@ -287,7 +286,8 @@ def eager_attention(
     weights = _edit(weights, hooks, "edit_weights", module, context, keyed=True)
     weights = weights.to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    outputs = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    outputs = torch.matmul(weights.reshape(batch, key.shape[1], groups * queries, -1), value)
+    outputs = outputs.view(batch, heads, queries, value.shape[-1]).transpose(1, 2).contiguous()
     return outputs, weights
 
 

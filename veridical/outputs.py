@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 from typing import Any
 
 from torch import nn
@@ -10,7 +11,12 @@ from torch import nn
 
 def cache_kwarg(module: nn.Module) -> str:
     """The name ``module.forward`` takes the KV cache under (transformers 5 renamed ``past_key_values``)."""
-    params = inspect.signature(module.forward).parameters
+    return _cache_kwarg(type(module))
+
+
+@lru_cache
+def _cache_kwarg(module_type: type) -> str:
+    params = inspect.signature(module_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

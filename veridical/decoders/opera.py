@@ -59,11 +59,16 @@ class _LastQueryAttention(AttentionHook):
 
 @dataclass
 class _LookAhead:
-    """One prompt's request: each beam's candidate tokens ``(beams, candidates)``, all at ``positions``."""
+    """One prompt's request: each beam's candidate tokens ``(beams, candidates)``, all at ``positions``.
+
+    ``keep``: ``cache`` is the previous look-ahead's, to be cut first by :func:`keep_candidate` with
+    these ``(rows, length, chosen)`` (done for all prompts at once when they all reused theirs).
+    """
 
     cache: Any
     tokens: torch.Tensor
     positions: torch.Tensor
+    keep: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
 
 def tree_mask(pads: list[int], rows: list[int], length: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -146,7 +151,9 @@ class OPERA:
     Beyond every released implementation: batches of any size (each prompt decodes, and rolls back,
     on its own), rollback keeps the prompt's KV cache and re-runs only the kept response tokens,
     the chosen candidate's look-ahead forward is reused as the next step's forward (its logits and
-    cache), and the look-aheads of all candidates of all prompts run as one batched forward.
+    cache), and the look-aheads of all candidates of all prompts run as one batched forward in which
+    a beam's candidates are parallel queries of its row (each sees the cache and itself only), so the
+    cache is neither copied per candidate nor re-stacked while every prompt keeps a candidate.
     ``preset="fast"`` is the official fast setting (``threshold=25, num_candidates=1``).
 
     OPERA is a generation loop, not a logits processor: use ``veridical.generate(model, inputs,
@@ -232,6 +239,7 @@ class OPERA:
             )
         hook = _LastQueryAttention(self.adapter.num_layers - 1)
         # Each prompt decodes (and rolls back) on its own; their look-aheads share one forward.
+        look_ahead = _LookAheads(self, hook)
         decoders, requests, outputs = {}, {}, {}
         with intercept_attention(self.model, hook):
             for index, sample in enumerate(self.adapter.split_inputs(self.inputs)):
@@ -239,66 +247,13 @@ class OPERA:
                 decoders[index] = self._decode(index, sample, config, processors, hook)
                 requests[index] = next(decoders[index])
             while requests:
-                for index, result in self._look_ahead(requests, hook).items():
+                for index, result in look_ahead(requests).items():
                     try:
                         requests[index] = decoders[index].send(result)
                     except StopIteration as finished:
                         outputs[index] = finished.value
                         del requests[index]
         return self._batch([outputs[index] for index in sorted(outputs)], config)
-
-    def _look_ahead(self, requests: dict[int, _LookAhead], hook: _LastQueryAttention) -> dict[int, tuple]:
-        """Every request in one forward; per prompt its logits, attention rows and look-ahead cache.
-
-        The prompts' caches are repeated per candidate and left-padded to one length; head methods and
-        the attention hook see each prompt's rows in its own key columns (``Segment``).
-        """
-        order = sorted(requests)
-        lengths = [requests[i].cache.get_seq_length() for i in order]
-        length = max(lengths)
-        segments = [
-            Segment(
-                rows=requests[i].tokens.shape[0],
-                pad=length - own,
-                sequence=sequence_of(self.model, requests[i].cache),
-                prompt=i,
-            )
-            for i, own in zip(order, lengths, strict=True)
-        ]
-        pads = [segment.pad for segment in segments]
-        shared = _empty_like(requests[order[0]].cache)
-        for layer_index, layer in enumerate(shared.layers):
-            for name in ("keys", "values"):
-                own = [getattr(requests[i].cache.layers[layer_index], name) for i in order]
-                setattr(layer, name, stack_padded(own, pads, dim=2))
-        setattr(shared, SEGMENTS, segments)
-        width = self.num_candidates
-        keys = shared.layers[0].keys
-        mask = tree_mask(pads, [s.rows for s in segments], length, width, keys.dtype).to(keys.device)
-        hook.rows.clear()
-        fused_rows(segments)
-        try:
-            with alternative_tokens(width):
-                logits = self._forward(
-                    shared,
-                    torch.cat([requests[i].tokens for i in order]),
-                    mask,
-                    torch.cat([requests[i].positions for i in order], dim=-2),
-                )
-        finally:
-            fused_rows(None)
-        results, start = {}, 0
-        for i, segment, own, row in zip(order, segments, lengths, hook.rows, strict=True):
-            ahead = _empty_like(requests[i].cache)
-            for layer, whole in zip(ahead.layers, shared.layers, strict=True):
-                layer.keys = whole.keys[start : start + segment.rows, :, segment.pad :]
-                layer.values = whole.values[start : start + segment.rows, :, segment.pad :]
-            share_sequence(self.model, requests[i].cache, ahead)
-            # Each candidate's row over its cache and its own column (the others are masked out).
-            row = torch.cat([row[..., :own], row[..., own:].diagonal(dim1=1, dim2=2)[..., None]], dim=-1)
-            results[i] = (logits[start : start + segment.rows], row, ahead)
-            start += segment.rows
-        return results
 
     def _batch(self, generated: list[torch.Tensor], config) -> torch.Tensor:
         prompt = self.inputs["input_ids"]
@@ -354,19 +309,20 @@ class OPERA:
         history = torch.zeros(beams, 0, dtype=torch.long, device=logits.device)
         snapshots: list[_Snapshot] = []
         rollbacks_at = torch.zeros(max_length - prompt_len + 1, dtype=torch.long)
-        lookahead = None
+        lookahead = keep = None
         while True:
             n = state.cur_len - prompt_len  # tokens generated so far by the running beams
             snapshots.append(state.snapshot(attention, history))
             cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
             # Look-ahead: every beam's candidates as parallel queries of one forward (with the other
             # prompts').
-            length = cache.get_seq_length()
             ahead_out, ahead_rows, ahead = yield _LookAhead(
                 cache=cache,
                 tokens=candidates,
                 positions=(first_position + n).expand(*first_position.shape[:-1], n_can),
+                keep=keep,
             )
+            length, keep = prompt_len + n, None
             penalty, locations, generated_part = self._penalties(ahead_rows, attention, image)
             slot_locations = locations.mode(dim=-1).values  # (beams,)
             history = torch.cat([history, slot_locations[:, None]], dim=1)
@@ -394,7 +350,8 @@ class OPERA:
                 next_logits.scatter_(-1, candidates, cand_scores - self.penalty_weight * penalty)
                 lookahead = (ahead, ahead_out, candidates, generated_part, length)
             log_probs = torch.log_softmax(next_logits, dim=-1)
-            log_probs = processors(state.flat_sequences(), log_probs)
+            for processor in processors:  # as LogitsProcessorList, without its per-call signature check
+                log_probs = processor(state.flat_sequences(), log_probs)
             self.step_scores[index].append(log_probs)
             parents, tokens = state.advance(log_probs, criteria)
             snapshots[-1].chosen = [*snapshots[-1].chosen, parents * logits.shape[-1] + tokens]
@@ -407,7 +364,7 @@ class OPERA:
             if reuse:
                 ahead, ahead_out, candidates, generated_part, length = lookahead
                 which = (candidates[parents] == tokens[:, None]).int().argmax(dim=-1)
-                keep_candidate(ahead, parents, length, which)
+                keep = (parents, length, which)  # applied with the next look-ahead
                 cache = ahead
                 logits = ahead_out[parents, which]
                 new_rows = generated_part[parents, which]
@@ -487,6 +444,102 @@ class OPERA:
             **{cache_kwarg(module): cache},
         )
         return out.logits[:, -1].float()
+
+
+class _LookAheads:
+    """Runs the look-ahead requests of all prompts as one forward.
+
+    The prompts' caches are left-padded to one length (:class:`Segment`); head methods and the
+    attention hook see each prompt's rows in its own key columns. When every prompt kept a candidate
+    of the previous look-ahead, the previous forward's stacked cache is cut in place for all of
+    them (one gather per layer) instead of being split and stacked again.
+    """
+
+    def __init__(self, opera: OPERA, hook: _LastQueryAttention):
+        self.opera, self.hook = opera, hook
+        self.shared: Any = None
+        self.aheads: dict[int, Any] = {}
+
+    def __call__(self, requests: dict[int, _LookAhead]) -> dict[int, tuple]:
+        """Per prompt: its candidates' logits ``(beams, candidates, vocab)``, attention rows
+        ``(beams, candidates, keys + 1)`` and look-ahead cache."""
+        order = sorted(requests)
+        if not self._keep_all(requests, order):
+            for i in order:
+                if requests[i].keep is not None:
+                    keep_candidate(requests[i].cache, *requests[i].keep)
+            self._stack(requests, order)
+        shared, segments = self.shared, getattr(self.shared, SEGMENTS)
+        length, width = shared.get_seq_length(), self.opera.num_candidates
+        keys = shared.layers[0].keys
+        pads = [segment.pad for segment in segments]
+        mask = tree_mask(pads, [s.rows for s in segments], length, width, keys.dtype).to(keys.device)
+        self.hook.rows.clear()
+        fused_rows(segments)
+        try:
+            with alternative_tokens(width):
+                logits = self.opera._forward(
+                    shared,
+                    torch.cat([requests[i].tokens for i in order]),
+                    mask,
+                    torch.cat([requests[i].positions for i in order], dim=-2),
+                )
+        finally:
+            fused_rows(None)
+        results, self.aheads, start = {}, {}, 0
+        for i, segment, row in zip(order, segments, self.hook.rows, strict=True):
+            ahead = _empty_like(requests[i].cache)
+            self._view(ahead, start, segment)
+            share_sequence(self.opera.model, requests[i].cache, ahead)
+            # Each candidate's row over its cache and its own column (the others are masked out).
+            own = length - segment.pad
+            row = torch.cat([row[..., :own], row[..., own:].diagonal(dim1=1, dim2=2)[..., None]], dim=-1)
+            results[i] = (logits[start : start + segment.rows], row, ahead)
+            self.aheads[i] = ahead
+            start += segment.rows
+        return results
+
+    def _keep_all(self, requests: dict[int, _LookAhead], order: list[int]) -> bool:
+        """Cut the previous stacked cache to every prompt's kept candidate, if all of them kept one."""
+        if list(self.aheads) != order or any(
+            requests[i].keep is None or requests[i].cache is not self.aheads[i] for i in order
+        ):
+            return False
+        segments = getattr(self.shared, SEGMENTS)
+        length = self.shared.get_seq_length() - self.opera.num_candidates
+        starts = torch.tensor([0, *[s.rows for s in segments]]).cumsum(0)[:-1].tolist()
+        rows = torch.cat([requests[i].keep[0] + start for i, start in zip(order, starts, strict=True)])
+        chosen = torch.cat([requests[i].keep[2] for i in order])
+        keep_candidate(self.shared, rows, length, chosen)
+        for i, start, segment in zip(order, starts, segments, strict=True):
+            self._view(requests[i].cache, start, segment)
+        return True
+
+    def _stack(self, requests: dict[int, _LookAhead], order: list[int]) -> None:
+        lengths = [requests[i].cache.get_seq_length() for i in order]
+        segments = [
+            Segment(
+                rows=requests[i].tokens.shape[0],
+                pad=max(lengths) - own,
+                sequence=sequence_of(self.opera.model, requests[i].cache),
+                prompt=i,
+            )
+            for i, own in zip(order, lengths, strict=True)
+        ]
+        pads = [segment.pad for segment in segments]
+        shared = _empty_like(requests[order[0]].cache)
+        for layer_index, layer in enumerate(shared.layers):
+            for name in ("keys", "values"):
+                own = [getattr(requests[i].cache.layers[layer_index], name) for i in order]
+                setattr(layer, name, stack_padded(own, pads, dim=2))
+        setattr(shared, SEGMENTS, segments)
+        self.shared = shared
+
+    def _view(self, cache: Any, start: int, segment: Segment) -> None:
+        """Point ``cache`` at its prompt's rows and columns of the stacked cache."""
+        for layer, whole in zip(cache.layers, self.shared.layers, strict=True):
+            layer.keys = whole.keys[start : start + segment.rows, :, segment.pad :]
+            layer.values = whole.values[start : start + segment.rows, :, segment.pad :]
 
 
 def _empty_like(cache):

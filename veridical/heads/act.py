@@ -134,6 +134,8 @@ class ACT(HeadMethod):
         if sinks is None:
             return weights
         sinks = fit_keys(context.per_row(sinks), weights.shape[-1])
+        if len(heads) == weights.shape[1]:
+            return redistribute(weights, sinks[:, :, None, :], self.scale)
         weights = weights.clone()
         weights[:, heads] = redistribute(weights[:, heads], sinks[:, :, None, :], self.scale)
         return weights
