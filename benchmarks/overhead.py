@@ -43,6 +43,8 @@ COMMON = [
 ]
 STACKS = {
     "tiny-llava": [*COMMON, ("var:sink_dims=[0,1],tau=1.5", 1), ("var:sink_dims=[0,1],tau=1.5+vcd", 1)],
+    # Random weights have no massive activations to find: VAR gets LLaMA-2's known sink dimensions.
+    "llava-1.5-7b": [*COMMON, ("var", 1), ("var+vcd", 1)],
     "world": [
         *COMMON,
         ("var:sink_dims=auto,sink_ratio=2.0,tau=3.0", 1),
@@ -51,31 +53,54 @@ STACKS = {
 }
 
 
-def tiny_llava(batch: int):
+QUESTIONS = ["describe this image in detail please", "what is this ?"]
+
+
+def tiny_llava(batch: int, device: str):
     from veridical.tiny import tiny_inputs, tiny_model
 
     model, processor = tiny_model("llava")
-    questions = ["describe this image in detail please", "what is this ?"]
-    return model, tiny_inputs("llava", processor, [questions[i % 2] for i in range(batch)])
+    inputs = tiny_inputs("llava", processor, [QUESTIONS[i % 2] for i in range(batch)])
+    return model.to(device), inputs.to(device)
 
 
-def world(batch: int):
+def world(batch: int, device: str):
     from veridical.evals.models import build_prompt, load_model
     from veridical.evals.samples import CHAIR_PROMPT
     from veridical.evals.world.evaluate import WORLD_MODELS
     from veridical.evals.world.scenes import probe_scenes
 
-    model, processor = load_model(str(WORLD_MODELS["world"]), "float32", "cpu")
+    model, processor = load_model(str(WORLD_MODELS["world"]), "float32", device)
     prompt = build_prompt(model, processor, CHAIR_PROMPT)
     images = [scene.image for scene in probe_scenes(batch, 7)]
-    return model, processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
+    inputs = processor(images=images, text=[prompt] * batch, return_tensors="pt", padding=True)
+    return model, inputs.to(device)
 
 
-MODELS: dict[str, Callable] = {"tiny-llava": tiny_llava, "world": world}
+def llava_7b(batch: int, device: str):
+    """LLaVA-1.5-7B's shapes with random weights in float16: 576 image tokens per prompt (GPU only)."""
+    from veridical.tiny import full_size_llava, random_images
+
+    model, processor = full_size_llava(device=device)
+    texts = [f"USER: <image>\n{QUESTIONS[i % 2]} ASSISTANT:" for i in range(batch)]
+    images = random_images(batch, sizes=((336, 336),))
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    return model, inputs
+
+
+MODELS: dict[str, Callable] = {"tiny-llava": tiny_llava, "world": world, "llava-1.5-7b": llava_7b}
+#: Models too large for a CPU run: measured (by default) only when a GPU is present.
+GPU_ONLY = {"llava-1.5-7b"}
 
 
 def parse_stack(text: str) -> list:
     return [] if text == "vanilla" else [parse_method_spec(part) for part in text.split("+")]
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def peak_memory_mb(run: Callable[[], object]) -> float:
@@ -102,14 +127,15 @@ def peak_memory_mb(run: Callable[[], object]) -> float:
 
 
 def measure(
-    model_name: str, batch: int, tokens: int, repeats: int
+    model_name: str, batch: int, tokens: int, repeats: int, device: str
 ) -> list[tuple[str, int, float, float, float]]:
     """Per stack: label, beams, ms per token, time and peak memory relative to vanilla (same beams)."""
-    model, inputs = MODELS[model_name](batch)
+    model, inputs = MODELS[model_name](batch, device)
     stacks = [(parse_stack(text), beams) for text, beams in STACKS[model_name]]
     times: list[list[float]] = [[] for _ in stacks]
 
     def run(stack, beams) -> float:
+        synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             veridical.generate(
@@ -121,6 +147,7 @@ def measure(
                 do_sample=False,
                 num_beams=beams,
             )
+        synchronize()
         return time.perf_counter() - start
 
     for stack, beams in stacks:  # warm-up: first-call costs (kernels, caches) stay out of the medians
@@ -153,14 +180,18 @@ def main() -> None:
     parser.add_argument("--report", help="write the Markdown table here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = args.model or sorted(name for name in MODELS if device == "cuda" or name not in GPU_ONLY)
+    if device == "cpu" and GPU_ONLY & set(models):
+        parser.error(f"{', '.join(sorted(GPU_ONLY & set(models)))} needs a GPU (about 14 GB in float16)")
     lines = [
         "| model | batch | beams | methods | ms / token | time x vanilla | peak memory x vanilla |",
         "|---|---|---|---|---|---|---|",
     ]
-    for model_name in args.model or sorted(MODELS):
+    for model_name in models:
         for batch in args.batch or [1, 8]:
             for label, beams, per_token, ratio, memory in measure(
-                model_name, batch, args.tokens, args.repeats
+                model_name, batch, args.tokens, args.repeats, device
             ):
                 cells = [model_name, batch, beams, label, f"{per_token:.2f}", f"{ratio:.2f}", f"{memory:.2f}"]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")

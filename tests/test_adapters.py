@@ -4,7 +4,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from veridical import SUPPORTED_FAMILIES, get_adapter
 from veridical.errors import InputError, UnsupportedModelError
-from veridical.tiny import FAMILIES, random_images
+from veridical.tiny import FAMILIES, full_size_llava, random_images
 
 
 def test_every_family_is_supported():
@@ -113,3 +113,18 @@ def test_fewer_images_than_placeholders_are_rejected(model_and_inputs):
     if "image_grid_thw" in inputs:
         with pytest.raises(InputError, match="patches"):
             get_adapter(model).validate_inputs({**inputs, "pixel_values": inputs["pixel_values"][:3]})
+
+
+def test_full_size_llava_has_the_shapes_of_llava_1_5_7b():
+    """The benchmark's real-size model: built on the meta device (no memory), checked against the
+    released model's size and image token count."""
+    model, processor = full_size_llava(device="meta")
+    adapter = get_adapter(model)
+    assert (adapter.num_layers, adapter.num_heads, adapter.text_config.hidden_size) == (32, 32, 4096)
+    # LLaMA-2-7B (6.74 B) + CLIP ViT-L/14 (0.30 B) + projector: 7.06 B parameters.
+    assert 7.0e9 < sum(p.numel() for p in model.parameters()) < 7.1e9
+    inputs = processor(
+        images=random_images(1, sizes=((480, 640),)), text=["USER: <image>\nwhat is this ? ASSISTANT:"]
+    )
+    assert int((torch.as_tensor(inputs["input_ids"]) == model.config.image_token_id).sum()) == 576
+    assert adapter.image_mask(torch.as_tensor(inputs["input_ids"])).sum() == 576

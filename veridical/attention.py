@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -170,6 +171,11 @@ class SequenceState:
     auxiliary: bool = False
     #: Per-method data decided at prefill, keyed by the hook object.
     store: dict[Any, Any] = field(default_factory=dict)
+
+    @cached_property
+    def has_image(self) -> bool:
+        """Whether any row holds image tokens (asked once per sequence: a GPU sync)."""
+        return bool(self.image_mask.any())
 
 
 #: Attribute of a KV cache that holds several sequences' rows (see :mod:`veridical.fusion`).

@@ -275,6 +275,72 @@ def tiny_instructblip(seed: int = 0):
     return _finish(model, tok), proc
 
 
+def full_size_llava(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    text_layers: int = 32,
+    vision_layers: int = 24,
+    seed: int = 0,
+):
+    """``(model, processor)`` with the shapes of ``llava-hf/llava-1.5-7b-hf`` and random weights.
+
+    CLIP ViT-L/14 at 336 px (576 image tokens per image), a LLaMA-7B text decoder (32 layers, 32
+    heads, hidden 4096), built on ``device`` in ``dtype`` without any download: for benchmarks of real
+    sizes (about 14 GB in float16). ``text_layers`` / ``vision_layers`` shorten the towers.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = word_tokenizer(_IMAGE_TOKENS["llava"], image_token="<image>")
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=text_layers,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    size = {"shortest_edge": 336}
+    ip = CLIPImageProcessorPil(size=size, crop_size={"height": 336, "width": 336})
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return _finish(model, tok), proc
+
+
 FACTORIES = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,

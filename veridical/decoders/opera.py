@@ -47,11 +47,6 @@ class _LastQueryAttention(AttentionHook):
         self.layers = [layer]
         self.rows: list[torch.Tensor] = []
 
-    @property
-    def row(self) -> torch.Tensor:
-        """``(rows, keys)``: the last query of the last forward."""
-        return self.rows[-1][:, -1]
-
     def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         self.rows.append(weights[:, :, -context.newest :, :].amax(dim=1).float())
         return weights
@@ -369,14 +364,18 @@ class OPERA:
                 logits = ahead_out[parents, which]
                 new_rows = generated_part[parents, which]
             else:
+                # The chosen tokens in every candidate slot: a look-ahead of their own, batched with
+                # the other prompts' look-aheads.
                 cache.reorder_cache(parents)
-                hook.rows.clear()
-                with running_prompts([index]):
-                    logits = self._forward(
-                        cache, tokens[:, None], state.attention_mask(n + 1), first_position + n
-                    )[:, -1]
-                new_rows = hook.row[:, prompt_len:]
-                new_rows = new_rows / hook.row.sum(dim=-1, keepdim=True)
+                step_out, step_rows, cache = yield _LookAhead(
+                    cache=cache,
+                    tokens=tokens[:, None].expand(-1, n_can),
+                    positions=(first_position + n).expand(*first_position.shape[:-1], n_can),
+                )
+                first = torch.zeros(beams, dtype=torch.long, device=tokens.device)
+                keep = (torch.arange(beams, device=tokens.device), prompt_len + n, first)
+                logits, row = step_out[:, 0], step_rows[:, 0]
+                new_rows = row[:, prompt_len:] / row.sum(dim=-1, keepdim=True)
             attention = torch.cat(
                 [torch.nn.functional.pad(attention[parents], (0, 1)), new_rows[:, None, :]], dim=1
             )

@@ -76,9 +76,9 @@ class PAI(HeadMethod):
         return None
 
     def edit_logits(self, module: nn.Module, logits: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        weights = self.key_weights(context, logits.shape[-1]).to(logits.device)
-        if not weights.any():
+        if not context.sequence.has_image:  # a contrast branch without the image
             return logits
+        weights = self.key_weights(context, logits.shape[-1]).to(logits.device)
         weights = weights[:, None, :]  # (rows, 1, keys)
         per_head = self.head_weights(module.layer_idx, context)
         if per_head is not None:

@@ -105,10 +105,13 @@ class VAR(HeadMethod):
             sinks = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         if context.valid_keys is not None:
             sinks &= context.valid_keys[:, -hidden.shape[1] :].to(sinks.device)
-        context.sequence.store.setdefault(self, {})[layer_idx] = sinks
+        image = context.image_keys(hidden.shape[1]).to(sinks.device)
+        # Decided once here (a GPU sync) rather than at every layer and step: no image sink, no edit.
+        context.sequence.store.setdefault(self, {})[layer_idx] = sinks if (sinks & image).any() else None
 
     def sinks(self, layer: int, context: ForwardContext, keys: int) -> torch.Tensor | None:
-        """``(rows, keys)`` sink columns of ``layer`` for this forward, or ``None`` before any prefill."""
+        """``(rows, keys)`` sink columns of ``layer`` for this forward; ``None`` before any prefill or
+        when no image token is a sink."""
         sinks = context.sequence.store.get(self, {}).get(layer)
         if sinks is None:
             return None
@@ -124,8 +127,6 @@ class VAR(HeadMethod):
         sinks = sinks.to(weights.device)
         image_sinks = image & sinks
         has_image_sink = image_sinks.any(dim=-1)  # (rows,)
-        if not has_image_sink.any():
-            return weights
         image_mass = (weights * image[:, None, None, :]).sum(dim=-1)  # (rows, heads, queries)
         image_count = image.sum(dim=-1).float()[:, None, None]
         sink_share = (weights * image_sinks[:, None, None, :]).sum(dim=-1) / (image_mass + 1e-6 * image_count)
