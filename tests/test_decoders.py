@@ -9,7 +9,7 @@ import torch
 import veridical
 from veridical import get_adapter
 from veridical.decoders import M3ID, OPERA, VISTA, AvisC
-from veridical.decoders.opera import column_scores
+from veridical.decoders.opera import column_scores, keep_candidate, tree_mask
 from veridical.errors import MethodSpecError
 
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -326,6 +326,30 @@ def test_opera_column_scores_are_products_down_each_column():
         for j in range(5):
             want = 1e-7 * math.prod(float(local[b, i, j]) for i in range(j, 5))
             assert math.isclose(float(got[b, j]), want, rel_tol=1e-5)
+
+
+def test_opera_look_ahead_mask_shows_each_candidate_its_cache_and_itself():
+    # Two sequences: one row padded by one column, two rows unpadded; three cached columns, two candidates.
+    mask = tree_mask(pads=[1, 0], rows=[1, 2], length=3, width=2, dtype=torch.float32)
+    assert mask.shape == (3, 1, 2, 5)
+    visible = mask[:, 0] == 0
+    first = [[False, True, True, True, False], [False, True, True, False, True]]
+    other = [[True, True, True, True, False], [True, True, True, False, True]]
+    assert visible.tolist() == [first, other, other]
+    assert (mask[~(mask == 0)] == torch.finfo(torch.float32).min).all()
+
+
+def test_opera_keeps_the_chosen_candidate_column_of_each_new_row():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    keys = torch.arange(2 * 1 * 4 * 1, dtype=torch.float32).view(2, 1, 4, 1)  # 2 cached + 2 candidates
+    cache.update(keys, -keys, 0)
+    keep_candidate(cache, rows=torch.tensor([1, 1]), length=2, chosen=torch.tensor([1, 0]))
+    got = cache.layers[0].keys[:, 0, :, 0]
+    assert got.tolist() == [[4.0, 5.0, 7.0], [4.0, 5.0, 6.0]]
+    assert torch.equal(cache.layers[0].values, -cache.layers[0].keys)
+    assert keys[1, 0, :, 0].tolist() == [4.0, 5.0, 6.0, 7.0]  # the stacked source is not written over
 
 
 def test_opera_first_step_rewards_image_attention_of_each_candidate(llava):

@@ -568,6 +568,23 @@ def test_every_method_is_numerically_safe_in_bfloat16(tiny_models, questions, me
     assert not torch.isnan(scores).any() and torch.isfinite(scores).any(dim=-1).all()
 
 
+def test_opera_is_numerically_safe_in_bfloat16(tiny_models, questions):
+    """The look-ahead mask, attention rows and column scores stay finite in a half-precision model."""
+    from veridical.decoders.opera import OPERA
+    from veridical.tiny import tiny_inputs
+
+    model, processor = tiny_models("llava")
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    inputs = tiny_inputs("llava", processor, questions)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    opera = OPERA(low, inputs, threshold=2, rollback_start=1)
+    out = veridical.generate(low, inputs, methods=[opera], num_beams=3, max_new_tokens=12, do_sample=False)
+    assert out.shape[0] == len(questions)
+    for scores in opera.step_scores:
+        stacked = torch.stack(scores)
+        assert not torch.isnan(stacked).any() and torch.isfinite(stacked).any(dim=-1).all()
+
+
 def test_methods_are_removed_when_generation_is_interrupted(llava):
     from transformers import LogitsProcessor
 

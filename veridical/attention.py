@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import torch
@@ -214,7 +214,7 @@ class ForwardContext:
     #: Trailing queries that are each a row's newest token: 1, or the width of
     #: :func:`alternative_tokens`. Edits of "the last query" apply to all of them.
     newest: int = 1
-    _image_keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_prefill(self) -> bool:
@@ -222,10 +222,16 @@ class ForwardContext:
 
     def image_keys(self, keys: int) -> torch.Tensor:
         """``(rows, keys)`` boolean: key columns that hold image tokens (generated tokens never do)."""
-        # Every hooked layer of a forward asks the same question: answer it once.
-        if keys not in self._image_keys:
-            self._image_keys[keys] = fit_keys(expand_rows(self.sequence.image_mask, self.rows), keys)
-        return self._image_keys[keys]
+        return self.once(
+            ("image_keys", keys), lambda: fit_keys(expand_rows(self.sequence.image_mask, self.rows), keys)
+        )
+
+    def once(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` the first time ``key`` is asked in this forward: every hooked layer of a
+        forward shares what only depends on the forward (image columns, per-key weights)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def query_positions(self, queries: int, device: torch.device) -> torch.Tensor:
         """Column index of each query of this forward."""
@@ -291,7 +297,8 @@ def eager_attention(
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights = _edit(weights, hooks, "edit_weights", module, context, keyed=True)
     weights = weights.to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    if dropout and module.training:
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
     outputs = torch.matmul(weights.reshape(batch, key.shape[1], groups * queries, -1), value)
     outputs = outputs.view(batch, heads, queries, value.shape[-1]).transpose(1, 2).contiguous()
     return outputs, weights
@@ -334,6 +341,7 @@ def _edit(
     keyed: bool,
 ) -> torch.Tensor:
     """Apply every hook's ``name`` edit; per sequence (its rows, its key columns) in a fused forward."""
+    hooks = [hook for hook in hooks if _overrides(type(hook), name)]
     if not hooks:
         return tensor
     if context is None or context.parts is None:
@@ -348,6 +356,12 @@ def _edit(
             piece = getattr(hook, name)(module, piece, part)
         pieces.append(torch.cat([padding, piece], dim=-1) if keyed and pad else piece)
     return torch.cat(pieces)
+
+
+@cache
+def _overrides(hook_type: type, name: str) -> bool:
+    """Whether ``hook_type`` edits with ``name`` (the base class's edits return their input)."""
+    return getattr(hook_type, name) is not getattr(AttentionHook, name)
 
 
 AttentionInterface.register(ATTENTION_NAME, veridical_attention)

@@ -239,7 +239,7 @@ class OPERA:
         with intercept_attention(self.model, hook):
             for index, sample in enumerate(self.adapter.split_inputs(self.inputs)):
                 self.step_scores.append([])
-                decoders[index] = self._decode(index, sample, config, processors, hook)
+                decoders[index] = self._decode(index, sample, config, processors)
                 requests[index] = next(decoders[index])
             while requests:
                 for index, result in look_ahead(requests).items():
@@ -260,7 +260,7 @@ class OPERA:
         return torch.cat([prompt, new], dim=1)
 
     # -- one prompt ------------------------------------------------------------------------------
-    def _decode(self, index, sample, config, processors, hook) -> torch.Tensor:
+    def _decode(self, index, sample, config, processors) -> torch.Tensor:
         beams, n_can = int(config.num_beams or 1), self.num_candidates
         adapter, model = self.adapter, self.model
         prompt_len = sample["input_ids"].shape[1]

@@ -78,14 +78,17 @@ class PAI(HeadMethod):
     def edit_logits(self, module: nn.Module, logits: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         if not context.sequence.has_image:  # a contrast branch without the image
             return logits
-        weights = self.key_weights(context, logits.shape[-1]).to(logits.device)
-        weights = weights[:, None, :]  # (rows, 1, keys)
+        keys = logits.shape[-1]
+        weights = context.once(  # (rows, 1, 1, keys), the same in every layer of this forward
+            (self, keys), lambda: self.key_weights(context, keys).to(logits.device)[:, None, None, :]
+        )
         per_head = self.head_weights(module.layer_idx, context)
         if per_head is not None:
-            weights = weights * per_head[:, :, None].to(weights)
+            weights = weights * per_head[:, :, None, None].to(weights)
         newest = logits[:, :, -context.newest :, :]
+        boost = (weights * newest.float().abs()).to(logits.dtype)
+        if newest.shape[2] == logits.shape[2]:  # a decoding step: every query is a newest one
+            return logits + boost
         logits = logits.clone()
-        logits[:, :, -context.newest :, :] = newest + (weights[:, :, None] * newest.float().abs()).to(
-            newest.dtype
-        )
+        logits[:, :, -context.newest :, :] += boost
         return logits
