@@ -403,6 +403,51 @@ def test_opera_rollback_when_forced_restores_state_per_prompt(model_and_inputs):
     assert max(per_position.values(), default=0) <= 2
 
 
+def test_opera_beam_steps_of_several_prompts_match_each_prompt_alone(llava):
+    """Prompts at the same step take one batched beam-search step; prompts out of step (after a
+    rollback) take theirs apart; both give what each prompt's step alone gives."""
+    from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
+
+    from veridical.decoders.opera import _Advance, _advance, _BeamState
+
+    model, _ = llava
+    eos = torch.tensor([2])
+    criteria = StoppingCriteriaList([MaxLengthCriteria(6)])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+
+    def step_scores():
+        return torch.log_softmax(torch.randn(3, vocab, generator=generator) * 3, dim=-1)
+
+    def copied(state):
+        twin = copy.copy(state)
+        for name in (*_BeamState.TENSORS, "hits"):
+            setattr(twin, name, getattr(state, name).clone())
+        return twin
+
+    short, long = (
+        _BeamState(model, model.generation_config, torch.ones(1, n, dtype=torch.long), 3, 6, eos)
+        for n in (4, 9)
+    )
+    _advance({0: _Advance(short, step_scores(), criteria)})  # short is one token ahead
+    for _ in range(3):  # out of step, then (after long catches up) in step
+        scores = {0: step_scores(), 1: step_scores()}
+        alone = {0: copied(short), 1: copied(long)}
+        expected = {i: _advance({i: _Advance(alone[i], scores[i], criteria)})[i] for i in (0, 1)}
+        if long.generated < short.generated:
+            expected = {1: expected[1]}
+            got = _advance({1: _Advance(long, scores[1], criteria)})
+            alone[0] = short
+        else:
+            got = _advance({0: _Advance(short, scores[0], criteria), 1: _Advance(long, scores[1], criteria)})
+        for i, (parents, tokens) in expected.items():
+            assert torch.equal(got[i][0], parents) and torch.equal(got[i][1], tokens)
+        for name in _BeamState.TENSORS:
+            assert torch.equal(getattr(short, name), getattr(alone[0], name))
+            assert torch.equal(getattr(long, name), getattr(alone[1], name))
+    assert short.generated == long.generated == 3
+
+
 @pytest.mark.filterwarnings("ignore:no massive-activation")
 def test_opera_fast_preset_and_head_methods(llava):
     model, inputs = llava

@@ -53,6 +53,15 @@ class _LastQueryAttention(AttentionHook):
 
 
 @dataclass
+class _Advance:
+    """One prompt's request: a beam-search step with these log-probabilities (see _BeamState)."""
+
+    state: Any
+    log_probs: torch.Tensor
+    criteria: StoppingCriteriaList
+
+
+@dataclass
 class _LookAhead:
     """One prompt's request: each beam's candidate tokens ``(beams, candidates)``, all at ``positions``.
 
@@ -114,7 +123,7 @@ class _Snapshot:
     """Beam state before one decision, kept for retrospection."""
 
     beams: dict[str, torch.Tensor]  # copies of _BeamState.TENSORS
-    cur_len: int
+    generated: int
     attention: torch.Tensor
     history: torch.Tensor
     chosen: list[torch.Tensor] = field(default_factory=list)
@@ -242,7 +251,10 @@ class OPERA:
                 decoders[index] = self._decode(index, sample, config, processors)
                 requests[index] = next(decoders[index])
             while requests:
-                for index, result in look_ahead(requests).items():
+                # Prompts step together: beam-search steps first, then one look-ahead forward for all.
+                steps = {i: r for i, r in requests.items() if isinstance(r, _Advance)}
+                results = _advance(steps) if steps else look_ahead(requests)
+                for index, result in results.items():
                     try:
                         requests[index] = decoders[index].send(result)
                     except StopIteration as finished:
@@ -282,7 +294,8 @@ class OPERA:
         eos = torch.tensor(
             [eos] if isinstance(eos, int) else list(eos or []), device=sample["input_ids"].device
         )
-        criteria = StoppingCriteriaList([MaxLengthCriteria(max_length)])
+        # On the response alone (see _BeamState).
+        criteria = StoppingCriteriaList([MaxLengthCriteria(max_length - prompt_len)])
         if eos.numel():
             criteria.append(EosTokenCriteria(eos))
         image = adapter.image_mask(sample["input_ids"])[0]
@@ -298,7 +311,7 @@ class OPERA:
         cache.batch_repeat_interleave(beams)
         first_position = adapter.next_position_ids(positions).repeat_interleave(beams, dim=-2)
 
-        state = _BeamState.start(model, config, sample["input_ids"], beams, max_length, eos)
+        state = _BeamState(model, config, sample["input_ids"], beams, max_length - prompt_len, eos)
         logits = prefill_logits
         attention = torch.zeros(beams, 0, 0, device=logits.device)  # generated rows x generated columns
         history = torch.zeros(beams, 0, dtype=torch.long, device=logits.device)
@@ -348,7 +361,7 @@ class OPERA:
             for processor in processors:  # as LogitsProcessorList, without its per-call signature check
                 log_probs = processor(state.flat_sequences(), log_probs)
             self.step_scores[index].append(log_probs)
-            parents, tokens = state.advance(log_probs, criteria)
+            parents, tokens = yield _Advance(state, log_probs, criteria)
             snapshots[-1].chosen = [*snapshots[-1].chosen, parents * logits.shape[-1] + tokens]
             if state.done():
                 break
@@ -379,7 +392,7 @@ class OPERA:
             attention = torch.cat(
                 [torch.nn.functional.pad(attention[parents], (0, 1)), new_rows[:, None, :]], dim=1
             )
-        return state.best(prompt_len)
+        return state.best()
 
     def _penalties(
         self, rows: torch.Tensor, attention: torch.Tensor, image: torch.Tensor
@@ -443,6 +456,28 @@ class OPERA:
             **{cache_kwarg(module): cache},
         )
         return out.logits[:, -1].float()
+
+
+def _slots(indices: torch.Tensor, beams: int) -> torch.Tensor:
+    """Beam indices as slots of the prompt's own beams: transformers numbers them across the batch
+    (position in the batch x beams + slot), and a prompt's position changes with who steps with it."""
+    return torch.where(indices >= 0, indices % beams, indices)
+
+
+def _advance(requests: dict[int, _Advance]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Every prompt's beam-search step; those with as many tokens generated and the same limit at once."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, request in requests.items():
+        groups.setdefault((request.state.generated, request.state.max_new), []).append(i)
+    results = {}
+    for members in groups.values():
+        steps = _BeamState.advance_together(
+            [requests[i].state for i in members],
+            [requests[i].log_probs for i in members],
+            requests[members[0]].criteria,
+        )
+        results.update(zip(members, steps, strict=True))
+    return results
 
 
 class _LookAheads:
@@ -549,7 +584,11 @@ def _empty_like(cache):
 
 
 class _BeamState:
-    """transformers' beam search bookkeeping for one prompt (its own helpers, batch of one)."""
+    """transformers' beam search bookkeeping for one prompt; prompts at the same step advance together.
+
+    Sequences hold the response only (the prompt is kept apart), so prompts of different lengths share
+    one call of transformers' batched helpers, which take one length for the whole batch.
+    """
 
     #: The tensors that make up the search state at a decision (what retrospection restores).
     TENSORS = (
@@ -563,50 +602,42 @@ class _BeamState:
         "unsatisfied",
     )
 
-    def __init__(self, model, config, running_sequences, beams, max_length, eos, prompt_len):
-        self.model, self.beams, self.max_length, self.eos, self.prompt_len = (
-            model,
-            beams,
-            max_length,
-            eos,
-            prompt_len,
-        )
+    def __init__(self, model, config, prompt: torch.Tensor, beams: int, max_new: int, eos: torch.Tensor):
+        self.model, self.beams, self.max_new = model, beams, max_new
+        self.prompt, self.prompt_len = prompt, prompt.shape[1]
         # transformers leaves these unset until generate() fills its defaults: 1.0 and False.
         self.length_penalty = 1.0 if config.length_penalty is None else config.length_penalty
         self.early_stopping = False if config.early_stopping is None else config.early_stopping
-        self.running_sequences = running_sequences
-        self.sequences = running_sequences.clone()
-        self.running_scores = torch.zeros(1, beams, device=running_sequences.device)
-        self.running_scores[:, 1:] = -1e9
-        self.scores = torch.full((1, beams), -1e9, device=running_sequences.device)
-        self.finished = torch.zeros(1, beams, dtype=torch.bool, device=running_sequences.device)
-        self.unsatisfied = torch.ones(1, 1, dtype=torch.bool, device=running_sequences.device)
-        self.hits = torch.zeros(1, beams, dtype=torch.bool, device=running_sequences.device)
-        self.running_indices = torch.full(
-            (1, beams, max_length - prompt_len), -1, dtype=torch.int32, device=running_sequences.device
-        )
-        self.indices = self.running_indices.clone()
-        self.cur_len = prompt_len
-        n_eos = eos.numel()
-        self.keep = max(2, 1 + n_eos) * beams
-        self.top_mask = torch.cat(
-            [torch.ones(beams, dtype=torch.bool), torch.zeros(self.keep - beams, dtype=torch.bool)]
-        ).to(running_sequences.device)
-
-    @classmethod
-    def start(cls, model, config, input_ids, beams, max_length, eos) -> _BeamState:
-        prompt_len = input_ids.shape[1]
+        device = prompt.device
         fill = config.pad_token_id
         fill = fill if fill is not None else (int(eos[0]) if eos.numel() else -1)
-        running = torch.full((1, beams, max_length), int(fill), dtype=torch.long, device=input_ids.device)
-        running[:, :, :prompt_len] = input_ids
-        return cls(model, config, running, beams, max_length, eos, prompt_len)
+        self.running_sequences = torch.full((1, beams, max_new), int(fill), dtype=torch.long, device=device)
+        self.sequences = self.running_sequences.clone()
+        self.running_scores = torch.zeros(1, beams, device=device)
+        self.running_scores[:, 1:] = -1e9
+        self.scores = torch.full((1, beams), -1e9, device=device)
+        self.finished = torch.zeros(1, beams, dtype=torch.bool, device=device)
+        self.unsatisfied = torch.ones(1, 1, dtype=torch.bool, device=device)
+        self.hits = torch.zeros(1, beams, dtype=torch.bool, device=device)
+        self.running_indices = torch.full((1, beams, max_new), -1, dtype=torch.int32, device=device)
+        self.indices = self.running_indices.clone()
+        self.generated = 0
+        self.keep = max(2, 1 + eos.numel()) * beams
+        self.top_mask = torch.cat(
+            [torch.ones(beams, dtype=torch.bool), torch.zeros(self.keep - beams, dtype=torch.bool)]
+        ).to(device)
+
+    @property
+    def cur_len(self) -> int:
+        return self.prompt_len + self.generated
 
     def flat_sequences(self) -> torch.Tensor:
-        return self.running_sequences[0, :, : self.cur_len]
+        """Prompt and response of every beam, as generate() hands them to logits processors."""
+        response = self.running_sequences[0, :, : self.generated]
+        return torch.cat([self.prompt.expand(self.beams, -1), response], dim=1)
 
     def response(self, length: int) -> torch.Tensor:
-        return self.running_sequences[0, :, self.prompt_len : self.prompt_len + length]
+        return self.running_sequences[0, :, :length]
 
     def attention_mask(self, generated: int) -> torch.Tensor:
         return torch.ones(
@@ -616,64 +647,82 @@ class _BeamState:
             device=self.running_sequences.device,
         )
 
-    def advance(self, log_probs: torch.Tensor, criteria) -> tuple[torch.Tensor, torch.Tensor]:
-        """One beam-search step as transformers does it; returns each new beam's parent slot and token."""
-        m = self.model
-        accumulated = (log_probs[None] + self.running_scores[:, :, None]).reshape(1, -1)
+    @staticmethod
+    def advance_together(
+        states: list[_BeamState], log_probs: list[torch.Tensor], criteria
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One beam-search step, as transformers does it, for prompts with as many tokens generated
+        (and the same limit); each prompt's new beams' parent slots and tokens."""
+        first, m = states[0], states[0].model
+        batch, beams, n = len(states), first.beams, first.generated
+        state = {name: torch.cat([getattr(s, name) for s in states]) for name in _BeamState.TENSORS}
+        accumulated = (torch.stack(log_probs) + state["running_scores"][:, :, None]).reshape(batch, -1)
         topk_scores, topk_sequences, topk_indices = m._get_top_k_continuations(
             accumulated_log_probs=accumulated,
-            running_sequences=self.running_sequences,
-            running_beam_indices=self.running_indices,
-            cur_len=self.cur_len,
-            decoder_prompt_len=self.prompt_len,
+            running_sequences=state["running_sequences"],
+            running_beam_indices=state["running_indices"],
+            cur_len=n,
+            decoder_prompt_len=0,
             do_sample=False,
-            beams_to_keep=self.keep,
-            num_beams=self.beams,
-            batch_size=1,
+            beams_to_keep=first.keep,
+            num_beams=beams,
+            batch_size=batch,
         )
-        hits = criteria(topk_sequences[0, :, : self.cur_len + 1], None)[None]
-        self.running_sequences, self.running_scores, self.running_indices = (
-            m._get_running_beams_for_next_iteration(
-                topk_log_probs=topk_scores,
-                topk_running_sequences=topk_sequences,
-                topk_running_beam_indices=topk_indices,
-                next_token_hits_stopping_criteria=hits,
-                num_beams=self.beams,
-            )
-        )
-        self.sequences, self.scores, self.indices, self.finished = m._update_finished_beams(
-            sequences=self.sequences,
-            topk_running_sequences=topk_sequences,
-            beam_scores=self.scores,
+        hits = criteria(topk_sequences[:, :, : n + 1].reshape(batch * first.keep, n + 1), None)
+        hits = hits.view(batch, first.keep)
+        running_sequences, running_scores, running_indices = m._get_running_beams_for_next_iteration(
             topk_log_probs=topk_scores,
-            beam_indices=self.indices,
+            topk_running_sequences=topk_sequences,
             topk_running_beam_indices=topk_indices,
-            is_early_stop_heuristic_unsatisfied=self.unsatisfied,
-            is_sent_finished=self.finished,
             next_token_hits_stopping_criteria=hits,
-            top_num_beam_mask=self.top_mask,
-            num_beams=self.beams,
-            cur_len=self.cur_len,
-            decoder_prompt_len=self.prompt_len,
-            length_penalty=self.length_penalty,
-            early_stopping=self.early_stopping,
+            num_beams=beams,
         )
-        self.hits = hits
-        parents = self.running_indices[0, :, self.cur_len - self.prompt_len].long()
-        tokens = self.running_sequences[0, :, self.cur_len]
-        self.cur_len += 1
-        self.unsatisfied = m._check_early_stop_heuristic(
-            is_early_stop_heuristic_unsatisfied=self.unsatisfied,
-            running_beam_scores=self.running_scores,
-            beam_scores=self.scores,
-            is_sent_finished=self.finished,
-            cur_len=self.cur_len,
-            max_length=self.max_length,
-            decoder_prompt_len=self.prompt_len,
-            early_stopping=self.early_stopping,
-            length_penalty=self.length_penalty,
+        sequences, scores, indices, finished = m._update_finished_beams(
+            sequences=state["sequences"],
+            topk_running_sequences=topk_sequences,
+            beam_scores=state["scores"],
+            topk_log_probs=topk_scores,
+            beam_indices=state["indices"],
+            topk_running_beam_indices=topk_indices,
+            is_early_stop_heuristic_unsatisfied=state["unsatisfied"],
+            is_sent_finished=state["finished"],
+            next_token_hits_stopping_criteria=hits,
+            top_num_beam_mask=first.top_mask,
+            num_beams=beams,
+            cur_len=n,
+            decoder_prompt_len=0,
+            length_penalty=first.length_penalty,
+            early_stopping=first.early_stopping,
         )
-        return parents % self.beams, tokens
+        unsatisfied = m._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=state["unsatisfied"],
+            running_beam_scores=running_scores,
+            beam_scores=scores,
+            is_sent_finished=finished,
+            cur_len=n + 1,
+            max_length=first.max_new,
+            decoder_prompt_len=0,
+            early_stopping=first.early_stopping,
+            length_penalty=first.length_penalty,
+        )
+        new = dict(
+            running_sequences=running_sequences,
+            running_scores=running_scores,
+            running_indices=_slots(running_indices, beams),
+            sequences=sequences,
+            scores=scores,
+            indices=_slots(indices, beams),
+            finished=finished,
+            unsatisfied=unsatisfied,
+            hits=hits,
+        )
+        parents = new["running_indices"][:, :, n].long()
+        tokens = running_sequences[:, :, n]
+        for i, s in enumerate(states):
+            for name, tensor in new.items():
+                setattr(s, name, tensor[i : i + 1])
+            s.generated = n + 1
+        return [(parents[i], tokens[i]) for i in range(batch)]
 
     def done(self) -> bool:
         return not bool(
@@ -682,16 +731,16 @@ class _BeamState:
             )
         )
 
-    def best(self, prompt_len: int) -> torch.Tensor:
+    def best(self) -> torch.Tensor:
         generated = int(((self.indices[0, 0] + 1).bool()).sum())
-        return self.sequences[0, 0, prompt_len : prompt_len + generated]
+        return self.sequences[0, 0, :generated]
 
     def snapshot(self, attention, history) -> _Snapshot:
         beams = {name: getattr(self, name).clone() for name in self.TENSORS}
-        return _Snapshot(beams=beams, cur_len=self.cur_len, attention=attention, history=history)
+        return _Snapshot(beams=beams, generated=self.generated, attention=attention, history=history)
 
     def restore(self, snapshot: _Snapshot) -> None:
         for name in self.TENSORS:
             setattr(self, name, snapshot.beams[name].clone())
         self.hits = torch.zeros_like(self.hits)
-        self.cur_len = snapshot.cur_len
+        self.generated = snapshot.generated
