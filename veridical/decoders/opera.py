@@ -53,10 +53,34 @@ class _LastQueryAttention(AttentionHook):
 
 
 @dataclass
+class _Decide:
+    """One prompt's request after its look-ahead: score the candidates (see ``OPERA._decide``)."""
+
+    rows: torch.Tensor  # (beams, candidates, keys + 1): each candidate's last-layer attention
+    attention: torch.Tensor  # (beams, n, n): the response's earlier rows, normalised
+    history: torch.Tensor  # (beams, n): each beam's argmax column at every earlier step
+    image: torch.Tensor  # (prompt length,): image positions
+    candidates: torch.Tensor  # (beams, candidates)
+    candidate_logits: torch.Tensor  # (beams, candidates)
+    vocab: int
+
+
+@dataclass
+class _Decision:
+    """What ``OPERA._decide`` answers one prompt."""
+
+    log_probs: torch.Tensor  # (beams, vocab): the step's scores if it does not roll back
+    response: torch.Tensor  # (beams, candidates, n + 1): each candidate's normalised response row
+    history: torch.Tensor  # (beams, n + 1)
+    location: int  # the step's argmax column (mode over beams)
+    may_roll_back: bool  # the recurrence test passed: retrospection is worth checking
+
+
+@dataclass
 class _Advance:
     """One prompt's request: a beam-search step with these log-probabilities (see _BeamState)."""
 
-    state: Any
+    state: _BeamState
     log_probs: torch.Tensor
     criteria: StoppingCriteriaList
 
@@ -99,7 +123,7 @@ def keep_candidate(cache: Any, rows: torch.Tensor, length: int, chosen: torch.Te
 
     New row ``r`` is old row ``rows[r]`` with the candidate column ``length + chosen[r]`` appended.
     """
-    index = torch.arange(len(rows))
+    index = torch.arange(len(rows), device=rows.device)
     for layer in cache.layers:
         for name in ("keys", "values"):
             kept = getattr(layer, name)[rows]
@@ -251,9 +275,14 @@ class OPERA:
                 decoders[index] = self._decode(index, sample, config, processors)
                 requests[index] = next(decoders[index])
             while requests:
-                # Prompts step together: beam-search steps first, then one look-ahead forward for all.
+                # Prompts step together: decisions and beam-search steps first, then one look-ahead
+                # forward for all.
+                decide = {i: r for i, r in requests.items() if isinstance(r, _Decide)}
                 steps = {i: r for i, r in requests.items() if isinstance(r, _Advance)}
-                results = _advance(steps) if steps else look_ahead(requests)
+                if decide:
+                    results = self._decide(decide)
+                else:
+                    results = _advance(steps) if steps else look_ahead(requests)
                 for index, result in results.items():
                     try:
                         requests[index] = decoders[index].send(result)
@@ -331,11 +360,13 @@ class OPERA:
                 keep=keep,
             )
             length, keep = prompt_len + n, None
-            penalty, locations, generated_part = self._penalties(ahead_rows, attention, image)
-            slot_locations = locations.mode(dim=-1).values  # (beams,)
-            history = torch.cat([history, slot_locations[:, None]], dim=1)
-            location = int(slot_locations.mode().values)
-            target = self._rollback_target(history, location, n, rollbacks_at)
+            decision = yield _Decide(
+                ahead_rows, attention, history, image, candidates, cand_scores, logits.shape[-1]
+            )
+            history, generated_part = decision.history, decision.response
+            target = None
+            if decision.may_roll_back:
+                target = self._rollback_target(history, decision.location, n, rollbacks_at)
             if target is not None:
                 self.rollbacks.append((index, n, target))
                 restored = snapshots[target]
@@ -352,12 +383,11 @@ class OPERA:
                 next_logits = logits.clone()
                 minimum = next_logits.min(dim=-1, keepdim=True).values.expand_as(next_logits).reshape(-1)
                 next_logits.view(-1).scatter_(0, banned, minimum.gather(0, banned))
+                log_probs = torch.log_softmax(next_logits, dim=-1)
                 lookahead = None
             else:
-                next_logits = torch.full_like(logits, -999.0)
-                next_logits.scatter_(-1, candidates, cand_scores - self.penalty_weight * penalty)
+                log_probs = decision.log_probs
                 lookahead = (ahead, ahead_out, candidates, generated_part, length)
-            log_probs = torch.log_softmax(next_logits, dim=-1)
             for processor in processors:  # as LogitsProcessorList, without its per-call signature check
                 log_probs = processor(state.flat_sequences(), log_probs)
             self.step_scores[index].append(log_probs)
@@ -394,24 +424,46 @@ class OPERA:
             )
         return state.best()
 
-    def _penalties(
-        self, rows: torch.Tensor, attention: torch.Tensor, image: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Penalty and argmax column of every candidate, and its normalised row over the response.
+    def _decide(self, requests: dict[int, _Decide]) -> dict[int, _Decision]:
+        """Penalties, argmax columns and step scores of every prompt; those at the same step at once."""
+        groups: dict[int, list[int]] = {}
+        for i, request in requests.items():
+            groups.setdefault(request.attention.shape[-1], []).append(i)
+        return {i: d for members in groups.values() for i, d in self._decide_together(requests, members)}
 
-        ``rows`` ``(beams, candidates, keys)``: each candidate's last-layer attention (max over heads);
-        ``attention`` ``(beams, n, n)``: the response's earlier rows, normalised the same way.
-        """
-        rows = rows / rows.sum(dim=-1, keepdim=True)
-        prompt_len = image.shape[0]
-        response = rows[..., prompt_len:]  # (beams, candidates, n + 1)
-        earlier = torch.nn.functional.pad(attention, (0, 1))[:, None].expand(-1, rows.shape[1], -1, -1)
-        window = torch.cat([earlier, response[:, :, None, :]], dim=2)  # (beams, candidates, n + 1, n + 1)
-        penalty, locations = column_scores(self.scale * window).max(dim=-1)
-        if response.shape[-1] <= self.image_reward_tokens:
+    def _decide_together(self, requests: dict[int, _Decide], members: list[int]):
+        """For prompts with as many tokens generated: the penalty of every candidate is the largest
+        column score of its scaled local window (the response's earlier rows plus its own row)."""
+        batch = [requests[i] for i in members]
+        rows = [r.rows / r.rows.sum(dim=-1, keepdim=True) for r in batch]  # each over its own keys
+        response = torch.stack([row[..., r.image.shape[0] :] for row, r in zip(rows, batch, strict=True)])
+        width = response.shape[2]  # (prompts, beams, candidates, n + 1)
+        earlier = torch.nn.functional.pad(torch.stack([r.attention for r in batch]), (0, 1))
+        earlier = earlier[:, :, None].expand(-1, -1, width, -1, -1)
+        window = torch.cat([earlier, response[:, :, :, None, :]], dim=3)
+        penalty, locations = column_scores(self.scale * window).max(dim=-1)  # (prompts, beams, candidates)
+        n = response.shape[-1] - 1
+        if n + 1 <= self.image_reward_tokens:
             # The code's early phase: reward attention to the image instead (not in the paper).
-            penalty = -rows[..., :prompt_len][..., image].sum(dim=-1)
-        return penalty, locations, response
+            image = [
+                row[..., : r.image.shape[0]][..., r.image].sum(dim=-1)
+                for row, r in zip(rows, batch, strict=True)
+            ]
+            penalty = -torch.stack(image)
+        slots = locations.mode(dim=-1).values  # (prompts, beams)
+        history = torch.cat([torch.stack([r.history for r in batch]), slots[..., None]], dim=-1)
+        location = slots.mode(dim=-1).values  # (prompts,)
+        recurs = ((history == location[:, None, None]).sum(dim=-1) > self.threshold).all(dim=-1)
+        may_roll_back = recurs & (location >= self.rollback_start) & (location + 1 < n)
+        candidates = torch.stack([r.candidates for r in batch])
+        logits = torch.stack([r.candidate_logits for r in batch]) - self.penalty_weight * penalty
+        # Every token outside the candidates gets -999 before the log-softmax, as the code.
+        scores = logits.new_full((*candidates.shape[:2], batch[0].vocab), -999.0)
+        log_probs = torch.log_softmax(scores.scatter_(-1, candidates, logits), dim=-1)
+        for k, (i, roll, where) in enumerate(
+            zip(members, may_roll_back.tolist(), location.tolist(), strict=True)
+        ):
+            yield i, _Decision(log_probs[k], response[k], history[k], where, roll)
 
     def _rollback_target(self, history: torch.Tensor, location: int, n: int, rollbacks_at: torch.Tensor):
         if not bool(((history == location).sum(dim=1) > self.threshold).all()):
