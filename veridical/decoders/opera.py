@@ -181,7 +181,8 @@ class OPERA:
     the chosen candidate's look-ahead forward is reused as the next step's forward (its logits and
     cache), and the look-aheads of all candidates of all prompts run as one batched forward in which
     a beam's candidates are parallel queries of its row (each sees the cache and itself only), so the
-    cache is neither copied per candidate nor re-stacked while every prompt keeps a candidate.
+    cache is neither copied per candidate nor re-stacked while every prompt keeps a candidate; prompts
+    at the same step score their candidates and take their beam-search step together.
     ``preset="fast"`` is the official fast setting (``threshold=25, num_candidates=1``).
 
     OPERA is a generation loop, not a logits processor: use ``veridical.generate(model, inputs,
@@ -266,7 +267,8 @@ class OPERA:
                 "the step's forward); use VISTA with logits_alpha=0 (steering only)"
             )
         hook = _LastQueryAttention(self.adapter.num_layers - 1)
-        # Each prompt decodes (and rolls back) on its own; their look-aheads share one forward.
+        # Each prompt decodes (and rolls back) on its own, as a generator of requests; the driver below
+        # answers the requests of all prompts together.
         look_ahead = _LookAheads(self, hook)
         decoders, requests, outputs = {}, {}, {}
         with intercept_attention(self.model, hook):
