@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any
@@ -49,19 +49,24 @@ _HOOKS = "_veridical_hooks"
 _STATE = "_veridical_attention_state"
 
 
-_PROMPTS = threading.local()
-
-
 @contextmanager
-def running_prompts(indices: list[int]) -> Iterator[None]:
-    """Forwards inside run only these prompts of the batch a method was built for (OPERA decodes one
-    prompt at a time): per-prompt method state is taken for them alone."""
-    previous = getattr(_PROMPTS, "indices", None)
-    _PROMPTS.indices = list(indices)
+def _scoped(local: threading.local, name: str, value: Any, default: Any) -> Iterator[None]:
+    """``local.name`` set to ``value`` inside the block, then back to what it was (``default`` if unset)."""
+    previous = getattr(local, name, default)
+    setattr(local, name, value)
     try:
         yield
     finally:
-        _PROMPTS.indices = previous
+        setattr(local, name, previous)
+
+
+_PROMPTS = threading.local()
+
+
+def running_prompts(indices: list[int]) -> AbstractContextManager[None]:
+    """Forwards inside run only these prompts of the batch a method was built for (OPERA decodes one
+    prompt at a time): per-prompt method state is taken for them alone."""
+    return _scoped(_PROMPTS, "indices", list(indices), None)
 
 
 _FUSED = threading.local()
@@ -126,17 +131,11 @@ def fit_keys(tensor: torch.Tensor, keys: int) -> torch.Tensor:
 _ALTERNATIVES = threading.local()
 
 
-@contextmanager
-def alternative_tokens(width: int) -> Iterator[None]:
+def alternative_tokens(width: int) -> AbstractContextManager[None]:
     """The forwards inside append ``width`` alternative next tokens to every row (OPERA's look-ahead
     candidates: each query sees the cache and itself only), so each of the last ``width`` queries is
     its row's newest token (:attr:`ForwardContext.newest`)."""
-    previous = getattr(_ALTERNATIVES, "width", 1)
-    _ALTERNATIVES.width = width
-    try:
-        yield
-    finally:
-        _ALTERNATIVES.width = previous
+    return _scoped(_ALTERNATIVES, "width", width, 1)
 
 
 _AUXILIARY = threading.local()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -350,7 +351,7 @@ class OPERA:
         rollbacks_at = torch.zeros(max_length - prompt_len + 1, dtype=torch.long)
         lookahead = keep = None
         while True:
-            n = state.cur_len - prompt_len  # tokens generated so far by the running beams
+            n = state.generated  # tokens generated so far by the running beams
             snapshots.append(state.snapshot(attention, history))
             cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
             # Look-ahead: every beam's candidates as parallel queries of one forward (with the other
@@ -368,7 +369,7 @@ class OPERA:
             history, generated_part = decision.history, decision.response
             target = None
             if decision.may_roll_back:
-                target = self._rollback_target(history, decision.location, n, rollbacks_at)
+                target = self._rollback_target(decision.location, rollbacks_at)
             if target is not None:
                 self.rollbacks.append((index, n, target))
                 restored = snapshots[target]
@@ -397,7 +398,7 @@ class OPERA:
             snapshots[-1].chosen = [*snapshots[-1].chosen, parents * logits.shape[-1] + tokens]
             if state.done():
                 break
-            n = state.cur_len - prompt_len - 1
+            n = state.generated - 1
             reuse = lookahead is not None and bool(
                 (lookahead[2][parents] == tokens[:, None]).any(dim=-1).all()
             )
@@ -428,10 +429,8 @@ class OPERA:
 
     def _decide(self, requests: dict[int, _Decide]) -> dict[int, _Decision]:
         """Penalties, argmax columns and step scores of every prompt; those at the same step at once."""
-        groups: dict[int, list[int]] = {}
-        for i, request in requests.items():
-            groups.setdefault(request.attention.shape[-1], []).append(i)
-        return {i: d for members in groups.values() for i, d in self._decide_together(requests, members)}
+        groups = _in_step(requests, lambda request: request.attention.shape[-1])
+        return {i: d for members in groups for i, d in self._decide_together(requests, members)}
 
     def _decide_together(self, requests: dict[int, _Decide], members: list[int]):
         """For prompts with as many tokens generated: the penalty of every candidate is the largest
@@ -456,6 +455,7 @@ class OPERA:
         history = torch.cat([torch.stack([r.history for r in batch]), slots[..., None]], dim=-1)
         location = slots.mode(dim=-1).values  # (prompts,)
         recurs = ((history == location[:, None, None]).sum(dim=-1) > self.threshold).all(dim=-1)
+        # Something generated after the column is needed to take it back.
         may_roll_back = recurs & (location >= self.rollback_start) & (location + 1 < n)
         candidates = torch.stack([r.candidates for r in batch])
         logits = torch.stack([r.candidate_logits for r in batch]) - self.penalty_weight * penalty
@@ -467,14 +467,10 @@ class OPERA:
         ):
             yield i, _Decision(log_probs[k], response[k], history[k], where, roll)
 
-    def _rollback_target(self, history: torch.Tensor, location: int, n: int, rollbacks_at: torch.Tensor):
-        if not bool(((history == location).sum(dim=1) > self.threshold).all()):
-            return None
-        if location < self.rollback_start:
-            return None
+    def _rollback_target(self, location: int, rollbacks_at: torch.Tensor) -> int | None:
+        """Where a retrospection on ``location`` goes (a decision whose ``may_roll_back`` held): just
+        after the column, or one earlier once that position used its rollbacks; ``None`` if both did."""
         target = location + 1
-        if target >= n:  # nothing generated after the column: nothing to take back
-            return None
         if rollbacks_at[target] >= self.max_rollbacks:
             target -= 1
             if target < 0 or rollbacks_at[target] >= self.max_rollbacks:
@@ -499,17 +495,8 @@ class OPERA:
         if target == 0:
             return prefill_logits.clone()
         tokens = state.response(target)
-        module = self.adapter.decode_module()
-        offsets = torch.arange(target, device=tokens.device)
-        position = first_position + offsets
-        out = module(
-            input_ids=tokens,
-            attention_mask=state.attention_mask(target),
-            position_ids=position,
-            use_cache=True,
-            **{cache_kwarg(module): cache},
-        )
-        return out.logits[:, -1].float()
+        positions = first_position + torch.arange(target, device=tokens.device)
+        return self._forward(cache, tokens, state.attention_mask(target), positions)[:, -1]
 
 
 def _slots(indices: torch.Tensor, beams: int) -> torch.Tensor:
@@ -518,13 +505,18 @@ def _slots(indices: torch.Tensor, beams: int) -> torch.Tensor:
     return torch.where(indices >= 0, indices % beams, indices)
 
 
+def _in_step(requests: dict[int, Any], step: Callable[[Any], Hashable]) -> list[list[int]]:
+    """The prompts of ``requests`` grouped by ``step`` (prompts in step are batched together)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, request in requests.items():
+        groups.setdefault(step(request), []).append(i)
+    return list(groups.values())
+
+
 def _advance(requests: dict[int, _Advance]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Every prompt's beam-search step; those with as many tokens generated and the same limit at once."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, request in requests.items():
-        groups.setdefault((request.state.generated, request.state.max_new), []).append(i)
     results = {}
-    for members in groups.values():
+    for members in _in_step(requests, lambda request: (request.state.generated, request.state.max_new)):
         steps = _BeamState.advance_together(
             [requests[i].state for i in members],
             [requests[i].log_probs for i in members],
@@ -680,10 +672,6 @@ class _BeamState:
         self.top_mask = torch.cat(
             [torch.ones(beams, dtype=torch.bool), torch.zeros(self.keep - beams, dtype=torch.bool)]
         ).to(device)
-
-    @property
-    def cur_len(self) -> int:
-        return self.prompt_len + self.generated
 
     def flat_sequences(self) -> torch.Tensor:
         """Prompt and response of every beam, as generate() hands them to logits processors."""
