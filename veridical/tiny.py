@@ -8,6 +8,8 @@ dependency). Random weights do not hallucinate in any meaningful way; they exerc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -109,24 +111,45 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def tiny_llava(seed: int = 0):
+def _llava(
+    vision: dict,
+    text: Callable[[int], dict],
+    image_size: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """A LLaVA-1.5 model with random weights and its processor (``image_size`` px): ``vision`` the CLIP
+    tower's config, ``text(vocabulary size of the tokenizer)`` the LLaMA decoder's."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = word_tokenizer(_IMAGE_TOKENS["llava"], image_token="<image>")
     config = LlavaConfig(
-        vision_config=dict(_CLIP_VISION),
-        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        vision_config=vision,
+        text_config=dict(model_type="llama", **text(len(tok))),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    size = {"height": image_size, "width": image_size}
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=size)
+    processor_settings = {**_LLAVA_PROCESSOR, "patch_size": vision["patch_size"]}
     proc = LlavaProcessor(
-        image_processor=ip, tokenizer=tok, chat_template=LLAVA_CHAT_TEMPLATE, **_LLAVA_PROCESSOR
+        image_processor=ip, tokenizer=tok, chat_template=LLAVA_CHAT_TEMPLATE, **processor_settings
     )
     return _finish(model, tok), proc
+
+
+def tiny_llava(seed: int = 0):
+    return _llava(dict(_CLIP_VISION), _text_config, 30, seed)
 
 
 def tiny_llava_next(seed: int = 0):
@@ -288,57 +311,30 @@ def full_size_llava(
     heads, hidden 4096), built on ``device`` in ``dtype`` without any download: for benchmarks of real
     sizes (about 14 GB in float16). ``text_layers`` / ``vision_layers`` shorten the towers.
     """
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tok = word_tokenizer(_IMAGE_TOKENS["llava"], image_token="<image>")
-    config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=32064,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=text_layers,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    size = {"shortest_edge": 336}
-    ip = CLIPImageProcessorPil(size=size, crop_size={"height": 336, "width": 336})
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        chat_template=LLAVA_CHAT_TEMPLATE,
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=16,
+        image_size=336,
         patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        projection_dim=768,
     )
-    return _finish(model, tok), proc
+    text = dict(  # LLaVA's vocabulary, whatever the (word-level) tokenizer's size
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=text_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _llava(vision, lambda _: text, 336, seed, device, dtype)
 
 
 FACTORIES = {
