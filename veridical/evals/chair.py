@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from veridical.evals.io import DataFileError, quiet_coco, read_records
-from veridical.evals.text import Lemmatizer, word_tokenize
+from veridical.evals.text import caption_lemmas
 
 _DOUBLE_WORDS = (
     "motor bike",
@@ -99,8 +99,6 @@ class ChairVocabulary:
         for vehicle in _VEHICLES:
             self.double_words[f"passenger {vehicle}"] = vehicle
         self.double_words.update({"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"})
-        parts = {part for phrase in self.double_words for part in phrase.split()}
-        self.lemmatize = Lemmatizer(set(self.synonym_to_object) | parts)
 
     @classmethod
     def from_file(cls, path: str | Path | None = None) -> ChairVocabulary:
@@ -112,7 +110,7 @@ class ChairVocabulary:
 
     def caption_objects(self, caption: str) -> tuple[list[str], list[str], list[str]]:
         """``(words, objects, tokens)``: object words as written (lemmatised), their class, all tokens."""
-        lemmas = [self.lemmatize(tok) for tok in word_tokenize(caption.lower())]
+        lemmas = caption_lemmas(caption)
         tokens, i = [], 0
         while i < len(lemmas):
             pair = " ".join(lemmas[i : i + 2])
@@ -159,11 +157,29 @@ class ChairResult:
 class GroundTruth(Mapping[int, frozenset]):
     """Image id -> set of COCO class names present in the image."""
 
-    def __init__(self, objects: Mapping[int, Iterable[str]]):
+    def __init__(
+        self,
+        objects: Mapping[int, Iterable[str]],
+        captions: Mapping[int, Sequence[str]] | None = None,
+        vocabulary: ChairVocabulary | None = None,
+    ):
         self._objects = {int(k): frozenset(v) for k, v in objects.items()}
+        # Reference captions whose objects are added on first access: tagging all of COCO's 414k
+        # captions takes about an hour, an evaluation needs a few thousand.
+        self._captions = {int(k): list(v) for k, v in (captions or {}).items()}
+        if self._captions and vocabulary is None:
+            raise ValueError("reference captions need the vocabulary that reads them")
+        self._vocabulary = vocabulary
+        for image_id in self._captions:
+            self._objects.setdefault(image_id, frozenset())
 
     def __getitem__(self, image_id: int) -> frozenset:
-        return self._objects[image_id]
+        objects = self._objects[image_id]
+        captions = self._captions.pop(image_id, None)
+        if captions:
+            named = (self._vocabulary.caption_objects(caption)[1] for caption in captions)
+            objects = self._objects[image_id] = objects.union(*named)
+        return objects
 
     def __iter__(self):
         return iter(self._objects)
@@ -199,13 +215,15 @@ class GroundTruth(Mapping[int, frozenset]):
         splits: Sequence[str] = ("val2014", "train2014"),
     ) -> GroundTruth:
         """COCO instances plus the objects named in the reference captions, from ``instances_*.json``
-        and ``captions_*.json`` files in ``annotations_dir`` (read with pycocotools)."""
+        and ``captions_*.json`` files in ``annotations_dir`` (read with pycocotools). The captions of an
+        image are read when its objects are first asked for."""
 
         root = Path(annotations_dir)
         found = [s for s in splits if (root / f"instances_{s}.json").exists()]
         if not found:
             raise DataFileError(f"no instances_<split>.json for splits {list(splits)} in {root}")
         objects: dict[int, set[str]] = {}
+        captions: dict[int, list[str]] = {}
         for split in found:
             captions_file = root / f"captions_{split}.json"
             if not captions_file.exists():
@@ -217,11 +235,9 @@ class GroundTruth(Mapping[int, frozenset]):
                 objects.setdefault(ann["image_id"], set()).add(vocabulary.synonym_to_object.get(name, name))
             for img in instances.dataset["images"]:
                 objects.setdefault(img["id"], set())
-            captions = quiet_coco(str(captions_file))
-            for ann in captions.dataset["annotations"]:
-                _, found_objects, _ = vocabulary.caption_objects(ann["caption"])
-                objects.setdefault(ann["image_id"], set()).update(found_objects)
-        return cls(objects)
+            for ann in quiet_coco(str(captions_file)).dataset["annotations"]:
+                captions.setdefault(ann["image_id"], []).append(ann["caption"])
+        return cls(objects, captions, vocabulary)
 
 
 class Chair:

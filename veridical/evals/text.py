@@ -1,185 +1,155 @@
-"""Caption text processing that reproduces the reference CHAIR scorer without NLTK data.
+"""Caption words as the reference CHAIR scorer reads them: NLTK's tokenizer, tagger and WordNet lemmatizer.
 
-The reference scorer (Rohrbach et al.'s CHAIR as modified in OPERA and lmms-eval) lower-cases a
-caption, splits it into sentences with NLTK's pre-trained Punkt model, tokenises each sentence with
-NLTK's Treebank-style word tokenizer, POS-tags the tokens and lemmatises them with WordNet. NLTK's data
-(Punkt parameters, tagger weights, WordNet) cannot be installed from a package registry, so this module
-re-implements the parts that decide CHAIR's numbers:
+The reference (``chair.py`` of shikiw/OPERA and of lmms-eval, ``CHAIR.caption_to_words``) turns a caption
+into words with NLTK::
 
-- sentence splitting: on lower-cased text Punkt breaks after every ``.``/``?``/``!`` token except
-  ellipses, known abbreviations, and numbers or single letters followed by a lower-case word;
-- word tokenisation: the Treebank rules (punctuation, quotes, brackets, clitics such as ``'s``);
-- lemmatisation: only lemmas that can reach the COCO vocabulary matter. ``data/coco_lemmas.json`` holds
-  WordNet 3.0's noun lemma of every surface form through which WordNet can reach a vocabulary word
-  (generated once by ``scripts/build_chair_lemmas.py``; note WordNet keeps "men" as "men"), and the
-  verb lemma of the -ing/-ed forms NLTK's tagger marks as verbs in captions ("skateboarding", "seated",
-  "tied", "tying"; "skiing" and "snowboarding" are tagged as nouns).
+    words = nltk.word_tokenize(caption.lower())      # Punkt sentences, then Treebank-style words
+    tagged = nltk.pos_tag(words)                     # averaged-perceptron English tagger, whole caption
+    lemmas = [WordNetLemmatizer().lemmatize(w, pos)  # pos from the tag's first letter: J -> a, V -> v,
+              for w, tag in tagged]                  # N -> n, R -> r, anything else -> n
 
-The golden test (OPERA's released LLaVA-1.5 captions) checks that this reproduces the reference's
-CHAIR_s, CHAIR_i, Recall and Len to the published digit.
+A word's tag depends on its neighbours ("skateboarding", "seated", "ties"), so only the tagger itself
+reproduces the reference. This module runs the same NLTK classes (Punkt, the Treebank word tokenizer,
+the perceptron tagger) on data shipped in ``data/nltk/`` (converted to pickle-free files by
+``scripts/build_chair_nltk_data.py``; provenance in ``data/nltk/README.md``), so nothing is downloaded.
+WordNet's lemmatizer is written out here (:func:`lemmatize`) because NLTK's class reads the global
+``nltk.corpus.wordnet``, which needs the WordNet corpus installed as NLTK data; it follows
+``WordNetLemmatizer.lemmatize`` and ``WordNetCorpusReader._morphy`` of NLTK 3.9-3.10 on WordNet 3.0's
+lemma names and exception lists. ``tests/test_chair_oracle.py`` checks every token, tag and lemma of
+6,000 released captions against NLTK's own pipeline on the original data.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-import re
-from collections.abc import Iterable
+from collections import defaultdict
 from functools import cache
 from importlib import resources
 
-# -- sentence splitting (Punkt on lower-cased text) -------------------------------------------------
+from nltk.tag.perceptron import PerceptronTagger
+from nltk.tokenize.destructive import NLTKWordTokenizer
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-#: Abbreviations of Punkt's English model that occur in image descriptions.
-ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr co inc ltd corp vs etc e.g i.e a.m p.m u.s u.k no approx dept mt ft oz lb".split()
-)
-_SENT_END = re.compile(r"[.?!](?=[)\";}\]*:@'({\[!?]|\s+\S)")
-_NUMBER = re.compile(r"^-?[.,]?\d[\d,.-]*\.?$")
-_INITIAL = re.compile(r"^[^\W\d]\.$")
+#: WordNet part of speech of a Penn Treebank tag's first letter; the reference falls back to nouns.
+_WORDNET_POS = {"J": "a", "V": "v", "N": "n", "R": "r"}
 
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of lower-cased ``text`` as Punkt's English model splits them."""
-    sentences, start = [], 0
-    for match in _SENT_END.finditer(text):
-        end = match.end()
-        token = text[:end].split()[-1] if text[:end].split() else ""
-        if not _is_break(token, text[end:]):
-            continue
-        # Punkt realigns closing quotes and brackets to the sentence they close.
-        end += len(re.match(r"[\"')\]}]*", text[end:]).group())
-        sentences.append(text[start:end].strip())
-        rest = text[end:]
-        start = end + (len(rest) - len(rest.lstrip()) if rest[:1].isspace() else 0)
-    tail = text[start:].strip()
-    if tail:
-        sentences.append(tail)
-    return [s for s in sentences if s]
-
-
-def _is_break(token: str, following: str) -> bool:
-    if not token.endswith("."):
-        return True  # '?' or '!'
-    if re.search(r"\.\.+$", token):
-        return False  # ellipsis
-    core = token.lstrip("\"'([{")[:-1]
-    if core in ABBREVIATIONS or core.split("-")[-1] in ABBREVIATIONS:
-        return False
-    next_token = following.split()[0] if following.split() else ""
-    if (_NUMBER.match(core + ".") or _INITIAL.match(core + ".")) and next_token[:1].islower():
-        return False  # Punkt's orthographic heuristic: a lower-case word does not start a sentence
-    return True
+#: WordNet's detachment rules (``WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS``), tried in this order.
+_SUBSTITUTIONS = {
+    "n": (
+        ("s", ""),
+        ("ses", "s"),
+        ("ves", "f"),
+        ("xes", "x"),
+        ("zes", "z"),
+        ("ches", "ch"),
+        ("shes", "sh"),
+        ("men", "man"),
+        ("ies", "y"),
+    ),
+    "v": (
+        ("s", ""),
+        ("ies", "y"),
+        ("es", "e"),
+        ("es", ""),
+        ("ed", "e"),
+        ("ed", ""),
+        ("ing", "e"),
+        ("ing", ""),
+    ),
+    "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
+    "r": (),
+}
 
 
-# -- word tokenisation (Treebank rules) ------------------------------------------------------------
-
-_STARTING_QUOTES = [
-    (re.compile(r"([«“‘„]|[`]+)"), r" \1 "),
-    (re.compile(r'^"'), r"``"),
-    (re.compile(r"(``)"), r" \1 "),
-    (re.compile(r"([ (\[{<])(\"|'{2})"), r"\1 `` "),
-    (re.compile(r"(?i)(')(?!re|ve|ll|m|t|s|d|n)(\w)\b"), r"\1 \2"),
-]
-_PUNCTUATION = [
-    (re.compile(r"([^.])(\.)([\])}>\"']*)\s*$"), r"\1 \2 \3 "),
-    (re.compile(r"([:,])([^\d])"), r" \1 \2"),
-    (re.compile(r"([:,])$"), r" \1 "),
-    (re.compile(r"\.{2,}"), r" \g<0> "),
-    (re.compile(r"[;@#$%&]"), r" \g<0> "),
-    (re.compile(r"([^.])(\.)([\])}>\"']*)\s*$"), r"\1 \2\3 "),
-    (re.compile(r"[?!]"), r" \g<0> "),
-    (re.compile(r"([^'])' "), r"\1 ' "),
-    (re.compile(r"[*]"), r" \g<0> "),
-]
-_BRACKETS = (re.compile(r"[\]\[(){}<>]"), r" \g<0> ")
-_DOUBLE_DASH = (re.compile(r"--"), r" -- ")
-_ENDING_QUOTES = [
-    (re.compile(r"([»”’])"), r" \1 "),
-    (re.compile(r"''"), " '' "),
-    (re.compile(r'"'), " '' "),
-    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r"\1 \2 "),
-    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r"\1 \2 "),
-]
-_CONTRACTIONS = [
-    re.compile(p)
-    for p in (
-        r"(?i)\b(can)(?#X)(not)\b",
-        r"(?i)\b(d)(?#X)('ye)\b",
-        r"(?i)\b(gim)(?#X)(me)\b",
-        r"(?i)\b(gon)(?#X)(na)\b",
-        r"(?i)\b(got)(?#X)(ta)\b",
-        r"(?i)\b(lem)(?#X)(me)\b",
-        r"(?i)\b(more)(?#X)('n)\b",
-        r"(?i)\b(wan)(?#X)(na)(?=\s)",
-        r"(?i) ('t)(?#X)(is)\b",
-        r"(?i) ('t)(?#X)(was)\b",
-    )
-]
+def _data(name: str):
+    return resources.files("veridical.evals") / "data" / "nltk" / name
 
 
-def tokenize_sentence(sentence: str) -> list[str]:
-    """Treebank-style word tokens of one sentence."""
-    text = sentence
-    for pattern, repl in _STARTING_QUOTES + _PUNCTUATION + [_BRACKETS, _DOUBLE_DASH]:
-        text = pattern.sub(repl, text)
-    text = f" {text} "
-    for pattern, repl in _ENDING_QUOTES:
-        text = pattern.sub(repl, text)
-    for pattern in _CONTRACTIONS:
-        text = pattern.sub(r" \1 \2 ", text)
-    return text.split()
-
-
-def word_tokenize(text: str) -> list[str]:
-    """Tokens of ``text``: sentence split first, then Treebank rules per sentence."""
-    return [tok for sentence in split_sentences(text) for tok in tokenize_sentence(sentence)]
-
-
-# -- lemmatisation ------------------------------------------------------------------------------
-
-#: WordNet's noun detachment rules (suffix, replacement), for vocabularies beyond COCO's.
-_NOUN_RULES = (
-    ("s", ""),
-    ("ses", "s"),
-    ("xes", "x"),
-    ("zes", "z"),
-    ("ches", "ch"),
-    ("shes", "sh"),
-    ("men", "man"),
-    ("ies", "y"),
-)
+def _read_json_gz(name: str) -> dict:
+    return json.loads(gzip.decompress(_data(name).read_bytes()).decode("utf-8"))
 
 
 @cache
-def coco_lemma_table() -> dict:
-    """The lemma table generated from WordNet 3.0 by ``scripts/build_chair_lemmas.py``."""
-    path = resources.files("veridical.evals") / "data" / "coco_lemmas.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+def _sentence_splitter() -> PunktSentenceTokenizer:
+    """Punkt with the English model's parameters (nltk_data's ``punkt_tab/english``)."""
+    folder = _data("punkt_tab").joinpath("english")
+
+    def rows(name: str) -> list[list[str]]:
+        return [line.split("\t") for line in folder.joinpath(name).read_text(encoding="utf-8").splitlines()]
+
+    params = PunktParameters()
+    params.abbrev_types = {row[0] for row in rows("abbrev_types.txt")}
+    params.sent_starters = {row[0] for row in rows("sent_starters.txt")}
+    params.collocations = {tuple(row) for row in rows("collocations.tab")}
+    params.ortho_context = defaultdict(int, {word: int(flags) for word, flags in rows("ortho_context.tab")})
+    return PunktSentenceTokenizer(params)
 
 
-class Lemmatizer:
-    """Lemmas of caption tokens, as NLTK's tagger + WordNet lemmatizer give them for object words.
+@cache
+def _word_tokenizer() -> NLTKWordTokenizer:
+    return NLTKWordTokenizer()
 
-    Tokens of the COCO vocabulary's reach come from the WordNet table (so "men" stays "men", as in
-    WordNet, and is no "man"); the verb forms NLTK tags as verbs in captions get their verb lemma.
-    For words of another ``vocabulary`` (e.g. the synthetic world's), WordNet's noun detachment rules
-    are applied and a result is kept when it is a vocabulary word.
+
+@cache
+def _tagger() -> PerceptronTagger:
+    """NLTK's averaged-perceptron tagger with the English model behind ``nltk.pos_tag``."""
+    model = _read_json_gz("averaged_perceptron_tagger_eng.json.gz")
+    tagger = PerceptronTagger(load=False)
+    tagger.model.weights = model["weights"]
+    tagger.tagdict = model["tagdict"]
+    tagger.classes = tagger.model.classes = set(model["classes"])
+    return tagger
+
+
+@cache
+def _wordnet() -> tuple[dict[str, frozenset[str]], dict[str, dict[str, list[str]]]]:
+    data = _read_json_gz("wordnet-3.0.json.gz")
+    return {pos: frozenset(names) for pos, names in data["lemmas"].items()}, data["exceptions"]
+
+
+def word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize``: Punkt's English sentences, each split by NLTK's Treebank word tokenizer."""
+    tokenizer = _word_tokenizer()
+    return [
+        token for sentence in _sentence_splitter().tokenize(text) for token in tokenizer.tokenize(sentence)
+    ]
+
+
+def pos_tag(tokens: list[str]) -> list[tuple[str, str]]:
+    """``nltk.pos_tag``: Penn Treebank tags of ``tokens`` tagged as one sequence."""
+    return _tagger().tag(tokens)
+
+
+def lemmatize(word: str, pos: str = "n") -> str:
+    """``WordNetLemmatizer().lemmatize(word, pos)`` on WordNet 3.0.
+
+    The candidates are ``word`` itself plus, if ``word`` is in the part of speech's exception list, its
+    listed base forms, otherwise the results of each detachment rule; those that are WordNet lemmas of
+    that part of speech are kept, in order, and the shortest (the first of equal length) is the lemma.
+    Without any, the word is returned unchanged.
     """
+    lemmas, exceptions = _wordnet()
+    names = lemmas[pos]
+    if word in exceptions[pos]:
+        forms = exceptions[pos][word]
+    else:
+        forms = [word[: -len(old)] + new for old, new in _SUBSTITUTIONS[pos] if word.endswith(old)]
+    found = [form for form in dict.fromkeys([word, *forms]) if form in names]
+    return min(found, key=len) if found else word
 
-    def __init__(self, vocabulary: Iterable[str] = ()):
-        table = coco_lemma_table()
-        self.nouns: dict[str, str] = table["noun"]
-        self.verbs: dict[str, str] = table["verb"]
-        self.extra_vocabulary = frozenset(vocabulary) - frozenset(table["vocabulary"])
 
-    def __call__(self, token: str) -> str:
-        if token in self.verbs:
-            return self.verbs[token]
-        if token in self.nouns:
-            return self.nouns[token]
-        if self.extra_vocabulary:
-            candidates = [token[: -len(old)] + new for old, new in _NOUN_RULES if token.endswith(old)]
-            known = [c for c in candidates if c in self.extra_vocabulary]
-            if known:
-                return min(known, key=len)
-        return token
+def wordnet_pos(tag: str) -> str:
+    """The reference's ``get_wordnet_pos(tag) or wordnet.NOUN``."""
+    return _WORDNET_POS.get(tag[:1], "n")
+
+
+def tagged_lemmas(caption: str) -> list[tuple[str, str, str]]:
+    """``(token, tag, lemma)`` of every token of the lower-cased caption, as the reference reads it."""
+    tagged = pos_tag(word_tokenize(caption.lower()))
+    return [(word, tag, lemmatize(word, wordnet_pos(tag))) for word, tag in tagged]
+
+
+def caption_lemmas(caption: str) -> list[str]:
+    """The lemma of every token of the lower-cased caption (the words of the reference's CHAIR)."""
+    return [lemma for _, _, lemma in tagged_lemmas(caption)]
