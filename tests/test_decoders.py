@@ -171,9 +171,11 @@ def test_every_family_every_search_and_with_a_head_method(model_and_inputs, spec
         ({"name": "avisc", "gamma": 0}, "gamma"),
         ({"name": "avisc", "beta": 3}, "beta"),
         ({"name": "vista", "lam": -1}, "lam"),
-        ({"name": "vista", "logits_layers": [0]}, "hidden-state"),
+        ({"name": "vista", "logits_layers": [4]}, "logits_layers"),
+        ({"name": "vista", "layers": "3,3"}, "layers"),
         ({"name": "opera", "num_candidates": 0}, "num_candidates"),
         ({"name": "opera", "preset": "slow"}, "preset"),
+        ({"name": "opera", "image_columns": "query"}, "image_columns"),
     ],
 )
 def test_bad_hyperparameters_are_named(llava, spec, message):
@@ -192,13 +194,35 @@ def hidden_states(model, inputs):
 
 
 def test_vista_steering_vectors_are_image_minus_no_image_layer_outputs(llava):
+    """Raw layer outputs (the official hooks read every decoder layer, the last one before the final
+    norm: steering_vector.py lines 80-88 at dc62252), plus the single-pair PCA's +1 at [0, 0].
+
+    Until issue 13 this read transformers' hidden_states[1:], whose last entry is after the final norm.
+    """
     model, inputs = llava
     method = VISTA(model, inputs)
     method.prepare()
-    with_image = torch.stack(hidden_states(model, inputs).hidden_states[1:], 1)[:, :, -1]
+    layers = get_adapter(model).layers
+
+    def raw_outputs(batch):
+        seen = {}
+        handles = [
+            layer.register_forward_hook(
+                lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+            )
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            hidden_states(model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([seen[i][:, -1] for i in range(len(layers))], 1)
+
     text_only = get_adapter(model).without_image(inputs)
-    without_image = torch.stack(hidden_states(model, text_only).hidden_states[1:], 1)[:, :, -1]
-    torch.testing.assert_close(method.vectors, (with_image - without_image).float(), atol=1e-5, rtol=1e-5)
+    expected = (raw_outputs(inputs) - raw_outputs(text_only)).float()
+    expected[:, 0, 0] += 1
+    torch.testing.assert_close(method.vectors, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_vista_steers_every_mlp_output_by_the_formula(llava):
@@ -243,7 +267,7 @@ def early_logits(model, inputs, window):
 def test_vista_logits_augmentation_equals_the_formula(llava, last_logits):
     model, inputs = llava
     method = VISTA(model, inputs, lam=0.0)
-    assert method.augmentation.layers == [3]  # indices 25..30 of 32 on a 4-layer decoder
+    assert method.augmentation.window == [2]  # outputs 25..30 of 32 on 4 layers: hidden_states[3]
     out = veridical.generate(model, inputs, methods=[method], max_new_tokens=1, **GREEDY)
     final = torch.log_softmax(last_logits(model, inputs), -1)
     expected = torch.log_softmax(0.7 * final + 0.3 * early_logits(model, inputs, [3]), -1)
@@ -395,10 +419,10 @@ def test_opera_rollback_when_forced_restores_state_per_prompt(model_and_inputs):
         assert [r[1:] for r in method.rollbacks if r[0] == b] == [r[1:] for r in alone.rollbacks]
     if model.config.model_type != "llava_next":  # its long prompt gives no repeated argmax column here
         assert method.rollbacks
-    for _, step, target in method.rollbacks:
-        assert 0 <= target < step
+    for _, step, target, resumed in method.rollbacks:
+        assert 0 <= resumed < step and resumed == min(target, step - 1)
     per_position: dict = {}
-    for prompt_index, _, target in method.rollbacks:
+    for prompt_index, _, target, _ in method.rollbacks:
         per_position[(prompt_index, target)] = per_position.get((prompt_index, target), 0) + 1
     assert max(per_position.values(), default=0) <= 2
 

@@ -21,8 +21,9 @@ class M3ID(ContrastiveDecoder):
     r"""Multi-Modal Mutual-Information Decoding.
 
     Favero et al., "Multi-Modal Hallucination Control by Visual Information Grounding", CVPR 2024
-    (no official code). With :math:`l_c` and :math:`l_u` the log-softmax of the next-token logits
-    with and without the image, and :math:`t = 1` at the first generated token,
+    (arXiv:2403.14003; no official code). The paper's M3ID update, with :math:`l_c` and :math:`l_u`
+    the log-softmax of the next-token logits with and without the image, and :math:`t = 1` at the
+    first generated token:
 
     .. math::
         \gamma_t = e^{-\lambda t}, \qquad
@@ -32,10 +33,18 @@ class M3ID(ContrastiveDecoder):
     only where the model is unsure (top probability below ``alpha``). Defaults are the paper's:
     ``alpha=0.3, lam=0.02``, greedy decoding.
 
-    ``variant="avisc"`` is the M3ID of the AvisC code base (sangminwoo/AvisC, ``avisc_sample.py``),
-    used as a baseline there: no confidence gate, VCD's plausibility cutoff ``beta`` (0.1) on the
-    image logits, and sampling (pass ``do_sample=True``). The image-free branch is the prompt with the
-    image tokens removed (:func:`veridical.contrast.contrast_inputs` ``"no_image"``).
+    ``variant="avisc"`` is the M3ID of the AvisC code base (sangminwoo/AvisC at 772eba4,
+    ``avisc_utils/avisc_sample.py`` lines 246-277), used as a baseline there: the same
+    :math:`\gamma_t` (``lamda = 0.02`` hard-coded, :math:`t` from 1), no confidence gate, VCD's
+    plausibility cutoff ``beta`` (0.1) on the image logits, and sampling (pass ``do_sample=True,
+    top_k=0``: the AvisC scripts pass ``top_k=None``, no top-k under transformers 4.31). There the
+    image-free branch never advances: its state is updated into another variable (lines 326-329),
+    so (as we read ``llava_arch.py`` lines 199-202) LLaVA's second step fails an attention-mask
+    assertion, and InstructBLIP's branch re-reads the prompt alone at every step
+    (``lavis/models/blip2_models/modeling_llama.py`` line 848); veridical's image-free branch
+    follows the generated tokens, as the paper describes.
+    The image-free branch is the prompt with the image tokens removed
+    (:func:`veridical.contrast.contrast_inputs` ``"no_image"``).
 
     Args:
         alpha: confidence gate; the correction applies where ``max p < alpha`` (0 never applies it).
@@ -73,7 +82,11 @@ class M3ID(ContrastiveDecoder):
         return (1 - gamma) / gamma
 
     def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
-        scores = log_probs + self.weight() * (log_probs - contrast_log_probs)
+        # Tokens another processor removed stay removed; lam=0 would otherwise make 0 * -inf.
+        allowed = torch.isfinite(log_probs)
+        scores = torch.where(
+            allowed, log_probs + self.weight() * (log_probs - contrast_log_probs), -torch.inf
+        )
         if self.variant == "avisc":
             scores = scores.masked_fill(plausibility_mask(log_probs, self.beta), float("-inf"))
         else:

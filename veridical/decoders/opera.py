@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -35,6 +35,9 @@ from veridical.outputs import cache_kwarg, output_cache
 from veridical.registry import register_method
 
 PRESETS = {"default": {}, "fast": {"threshold": 25, "num_candidates": 1}}
+IMAGE_COLUMNS = ("code", "image")
+#: The official code's ``window_size`` (utils.py line 3134): the length of its per-position lists.
+_WINDOW = 512
 
 
 class _LastQueryAttention(AttentionHook):
@@ -150,8 +153,7 @@ class _Snapshot:
     beams: dict[str, torch.Tensor]  # copies of _BeamState.TENSORS
     generated: int
     attention: torch.Tensor
-    history: torch.Tensor
-    chosen: list[torch.Tensor] = field(default_factory=list)
+    chosen: torch.Tensor | None = None  # the (slot x vocab + token) pairs last chosen from this state
 
 
 @register_method("opera")
@@ -174,8 +176,41 @@ class OPERA:
 
     Code and paper differ: for the first 10 response tokens the code does not penalise but rewards
     attention to the image (penalty = minus the candidate's attention to image tokens). Default as
-    the code; ``image_reward_tokens=0`` is the paper. The code keeps the column scores in float16
-    (saturating to 0 or inf); here they stay in float32.
+    the code; ``image_reward_tokens=0`` is the paper.
+
+    What the code does that the paper does not say, reproduced here (line numbers of utils.py at
+    shikiw/OPERA 5fc3aa4, unchanged since):
+
+    - The history of argmax columns is kept per beam slot and never reordered with the beams
+      (3443-3447); the column is the mode over a beam's candidates, then over the beams (3437-3438).
+    - A rollback to position ``r`` keeps the history of steps ``0..r``: the entry of the decision
+      taken at ``r`` before the rollback stays, and the new decision there adds none (3478-3480,
+      3539).
+    - When the recurring column is the newest or the one before (only possible with ``threshold`` <=
+      1), the code's target ``r`` is at or after the current step: it goes back one step only (it
+      drops no state, then restores the one before last, 3478-3489), while the count and the bans
+      are booked under ``r``.
+    - Bans: a rollback to ``r`` bans the (beam slot, token) pairs chosen from the restored state,
+      plus those banned at ``r`` by earlier rollbacks, and forgets the bans of ``r + 1`` only
+      (3540-3551). The bans of later positions stay: the loop meant to drop them clears entries
+      counted from the end of its 512-entry list (3481), so a later rollback to such a position,
+      after the prefix changed, bans those stale (slot, token) pairs again. Reproduced because the
+      code is the default and the bans decide what the search may take after a rollback.
+    - Banned pairs drop to the row's lowest logit (not -inf) and the re-decision uses the whole
+      vocabulary without a penalty (3543-3552).
+    - InstructBLIP: the LAVIS wrapper's key positions are ``image_start=1, image_end=32``
+      (inclusive) while the 32 query tokens sit at 0..31 (minigpt4/models/blip2_vicuna_instruct.py
+      373-377 at b1f4e55), so the image reward reads query tokens 1..31 and the first text token
+      (BOS). ``image_columns="code"`` (default) reproduces that; ``"image"`` reads the query tokens.
+      LLaVA's positions (minigpt4/models/llava.py 205-210 at ae10d23) are its image tokens exactly;
+      other families have no official positions and always use their image tokens.
+
+    Not reproduced: the code computes the column products in the model's float16 (3423-3428): one
+    past 65504 is inf, the candidates it penalises fall to -inf, and a beam whose candidates all did
+    continues with one of the tokens tied at -999 (whichever its top-k returns first); here the
+    scores stay in float32. It holds at most 512 positions (``window_size``): past that its
+    history is truncated and a rollback to position 512 raises inside its ``try`` (silently no
+    rollback); here no window applies.
 
     Beyond every released implementation: batches of any size (each prompt decodes, and rolls back,
     on its own), rollback keeps the prompt's KV cache and re-runs only the kept response tokens,
@@ -201,6 +236,8 @@ class OPERA:
         rollback_start: earliest response position a rollback may target the column of (10).
         max_rollbacks: rollbacks allowed per position (default ``num_candidates``, as the code).
         preset: ``"default"`` or ``"fast"`` (overrides ``threshold`` and ``num_candidates``).
+        image_columns: ``"code"``: the columns the official code rewards (InstructBLIP's shifted by
+            one, see above); ``"image"``: the image tokens.
     """
 
     generation_defaults: ClassVar[dict] = {"do_sample": False, "num_beams": 5}
@@ -217,7 +254,12 @@ class OPERA:
         rollback_start: int = 10,
         max_rollbacks: int | None = None,
         preset: str = "default",
+        image_columns: str = "code",
     ):
+        if image_columns not in IMAGE_COLUMNS:
+            raise MethodSpecError(
+                f"OPERA image_columns must be one of {', '.join(IMAGE_COLUMNS)}, got {image_columns!r}"
+            )
         if preset not in PRESETS:
             raise MethodSpecError(f"OPERA preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         threshold = PRESETS[preset].get("threshold", threshold)
@@ -235,10 +277,12 @@ class OPERA:
         self.inputs = inputs
         self.scale, self.threshold, self.num_candidates = scale, threshold, num_candidates
         self.penalty_weight, self.image_reward_tokens = penalty_weight, image_reward_tokens
-        self.rollback_start = rollback_start
+        self.rollback_start, self.image_columns = rollback_start, image_columns
         self.max_rollbacks = num_candidates if max_rollbacks is None else max_rollbacks
-        #: ``(prompt, decision step, rolled back to)`` for every retrospection, for inspection.
-        self.rollbacks: list[tuple[int, int, int]] = []
+        #: ``(prompt, decision step, target, position decoding resumed at)`` for every retrospection;
+        #: the target is where the code books it (counts and bans), one after the recurring column or
+        #: the column itself.
+        self.rollbacks: list[tuple[int, int, int, int]] = []
         #: Per prompt, each decision's ``(beams, vocab)`` log-probabilities before the beam scores are added.
         self.step_scores: list[list[torch.Tensor]] = []
 
@@ -331,6 +375,8 @@ class OPERA:
         if eos.numel():
             criteria.append(EosTokenCriteria(eos))
         image = adapter.image_mask(sample["input_ids"])[0]
+        if self.image_columns == "code" and adapter.family == "instructblip":
+            image = torch.cat([image.new_zeros(1), image[:-1]])  # the code's columns 1..32 (see above)
 
         # Prefill once, then expand to the beams.
         positions = adapter.prefill_position_ids(sample)
@@ -349,10 +395,11 @@ class OPERA:
         history = torch.zeros(beams, 0, dtype=torch.long, device=logits.device)
         snapshots: list[_Snapshot] = []
         rollbacks_at = torch.zeros(max_length - prompt_len + 1, dtype=torch.long)
+        bans: dict[int, torch.Tensor] = {}  # the code's reject_token_pos_gather, by target position
         lookahead = keep = None
         while True:
             n = state.generated  # tokens generated so far by the running beams
-            snapshots.append(state.snapshot(attention, history))
+            snapshots.append(state.snapshot(attention))
             cand_scores, candidates = torch.topk(logits, n_can, dim=-1)
             # Look-ahead: every beam's candidates as parallel queries of one forward (with the other
             # prompts').
@@ -371,16 +418,18 @@ class OPERA:
             if decision.may_roll_back:
                 target = self._rollback_target(decision.location, rollbacks_at)
             if target is not None:
-                self.rollbacks.append((index, n, target))
-                restored = snapshots[target]
+                resume = min(target, n - 1)  # the code restores the previous state at most (see above)
+                self.rollbacks.append((index, n, target, resume))
+                restored = snapshots[resume]
                 state.restore(restored)
-                attention, history = restored.attention, restored.history
-                banned = torch.cat(restored.chosen)  # (slot, token) pairs chosen here before
-                del snapshots[target + 1 :]
+                attention = restored.attention
+                history = history[:, : resume + 1]  # the entry of the decision taken at `resume` stays
+                banned = _record_bans(bans, target, n, restored.chosen)
+                del snapshots[resume + 1 :]
                 if cache.get_seq_length() > prompt_len:  # keep the prompt, drop the response
                     cache.crop(prompt_len - cache.get_seq_length())
                 with running_prompts([index]):
-                    logits = self._replay(cache, state, first_position, target, prefill_logits)
+                    logits = self._replay(cache, state, first_position, resume, prefill_logits)
                 # As the code: the banned continuations drop to the row's lowest logit (not -inf), and the
                 # re-decision uses the whole vocabulary without a penalty.
                 next_logits = logits.clone()
@@ -395,7 +444,7 @@ class OPERA:
                 log_probs = processor(state.flat_sequences(), log_probs)
             self.step_scores[index].append(log_probs)
             parents, tokens = yield _Advance(state, log_probs, criteria)
-            snapshots[-1].chosen = [*snapshots[-1].chosen, parents * logits.shape[-1] + tokens]
+            snapshots[-1].chosen = parents * logits.shape[-1] + tokens
             if state.done():
                 break
             n = state.generated - 1
@@ -455,8 +504,8 @@ class OPERA:
         history = torch.cat([torch.stack([r.history for r in batch]), slots[..., None]], dim=-1)
         location = slots.mode(dim=-1).values  # (prompts,)
         recurs = ((history == location[:, None, None]).sum(dim=-1) > self.threshold).all(dim=-1)
-        # Something generated after the column is needed to take it back.
-        may_roll_back = recurs & (location >= self.rollback_start) & (location + 1 < n)
+        # A step to go back to is needed (the code's rollback_start of 10 implies one).
+        may_roll_back = recurs & (location >= self.rollback_start) & (n > 0)
         candidates = torch.stack([r.candidates for r in batch])
         logits = torch.stack([r.candidate_logits for r in batch]) - self.penalty_weight * penalty
         # Every token outside the candidates gets -999 before the log-softmax, as the code.
@@ -473,7 +522,7 @@ class OPERA:
         target = location + 1
         if rollbacks_at[target] >= self.max_rollbacks:
             target -= 1
-            if target < 0 or rollbacks_at[target] >= self.max_rollbacks:
+            if rollbacks_at[target] >= self.max_rollbacks:
                 return None
         rollbacks_at[target] += 1
         return target
@@ -497,6 +546,19 @@ class OPERA:
         tokens = state.response(target)
         positions = first_position + torch.arange(target, device=tokens.device)
         return self._forward(cache, tokens, state.attention_mask(target), positions)[:, -1]
+
+
+def _record_bans(bans: dict[int, torch.Tensor], target: int, n: int, chosen: torch.Tensor) -> torch.Tensor:
+    """The code's ban bookkeeping for a rollback to ``target`` decided at step ``n`` (utils.py 3478-3481,
+    3540-3550): the (slot, token) pairs ``chosen`` from the restored state join those banned at
+    ``target`` before, and the record of ``target + 1`` is dropped. The code's loop over the dropped
+    steps clears entries counted from the end of its 512-entry list, not the dropped positions: the
+    bans of positions after ``target + 1`` stay (see OPERA)."""
+    for j in range(n - 1 - target):
+        bans.pop(_WINDOW - 1 - j, None)
+    bans.pop(target + 1, None)
+    bans[target] = chosen if target not in bans else torch.cat([bans[target], chosen])
+    return bans[target]
 
 
 def _slots(indices: torch.Tensor, beams: int) -> torch.Tensor:
@@ -777,9 +839,9 @@ class _BeamState:
         generated = int(((self.indices[0, 0] + 1).bool()).sum())
         return self.sequences[0, 0, :generated]
 
-    def snapshot(self, attention, history) -> _Snapshot:
+    def snapshot(self, attention) -> _Snapshot:
         beams = {name: getattr(self, name).clone() for name in self.TENSORS}
-        return _Snapshot(beams=beams, generated=self.generated, attention=attention, history=history)
+        return _Snapshot(beams=beams, generated=self.generated, attention=attention)
 
     def restore(self, snapshot: _Snapshot) -> None:
         for name in self.TENSORS:

@@ -19,25 +19,45 @@ class VCD(ContrastiveDecoder):
     r"""Visual Contrastive Decoding.
 
     Leng et al., "Mitigating Object Hallucinations in Large Vision-Language Models through Visual
-    Contrastive Decoding", CVPR 2024; official code DAMO-NLP-SG/VCD (``vcd_utils/vcd_sample.py``).
+    Contrastive Decoding", CVPR 2024; official code DAMO-NLP-SG/VCD at d6568ff
+    (``vcd_utils/vcd_sample.py``, ``vcd_utils/vcd_add_noise.py``).
 
-    The next-token distribution contrasts the image :math:`v` with a distorted image :math:`v'`:
+    The next-token distribution contrasts the image :math:`v` with a distorted image :math:`v'`
+    (``vcd_sample.py`` lines 150-153):
 
     .. math::
         s = (1 + \alpha)\, l(y \mid v, x) - \alpha\, l(y \mid v', x), \qquad
         s_y = -\infty \text{ where } l(y \mid v, x) < \log\beta + \max_{y'} l(y' \mid v, x).
 
-    Defaults are the official scripts' (``--cd_alpha 1 --cd_beta 0.1 --noise_step 500``, sampling
-    with temperature 1, top-p 1). ``v'`` adds forward-diffusion noise at step 500 of 1000 to the
-    normalised pixels (about ``0.863 x + 0.505 eps``). ``contrast="blank"`` uses the mean image and
-    ``contrast="no_image"`` drops the image tokens from the prompt (the "no image" contrast of
-    instruction-contrastive work), both beyond the paper.
+    Defaults are the LLaVA evaluation script's argument defaults
+    (``experiments/eval/object_hallucination_vqa_llava.py`` lines 111-118: ``cd_alpha 1``,
+    ``cd_beta 0.1``, ``noise_step 500``, temperature 1, top-p 1, ``top_k None``), with sampling.
+    The official settings differ between scripts:
+
+    - the shipped LLaVA POPE script passes ``cd_beta 0.2`` (``experiments/cd_scripts/llava1.5_pope.bash``
+      line 6);
+    - the InstructBLIP script never passes ``cd_alpha``, so ``vcd_sample.py`` line 142 falls back to
+      ``alpha = 0.5``; it also leaves ``top_k`` unset, so transformers 4.31's top-k 50 applies there
+      (``experiments/eval/object_hallucination_vqa_instructblip.py`` lines 61-64).
+
+    Sampling: the LLaVA scripts pass ``top_k=None``, which under the pinned transformers 4.31 means
+    no top-k at all; transformers 5 fills an unset ``top_k`` with 50. :attr:`generation_defaults`
+    therefore sets ``top_k=0`` (no top-k); pass it yourself when you call ``generate`` directly.
+
+    ``v'`` adds forward-diffusion noise at step 500 of 1000 to the normalised pixels (about
+    ``0.863 x + 0.505 eps``). ``contrast="blank"`` uses the mean image and ``contrast="no_image"``
+    drops the image tokens from the prompt (the "no image" contrast of instruction-contrastive work),
+    both beyond the paper.
 
     Scores are returned as the log-softmax of ``s``: a per-row shift of the official logits that
     changes neither greedy choices nor sampling, and makes beam search sum log-probabilities of the
     contrastive distribution (the official code supports sampling only). Code and paper agree on the
     formula and on the cutoff (the code's "version 2" cutoff on logits equals the paper's
-    ``p >= beta * max p``).
+    ``p >= beta * max p``). The official code contrasts raw logits before every other processor
+    (``vcd_sample.py`` lines 156-157); as a logits processor VCD runs after the processors
+    ``generate()`` puts first (repetition penalty, minimum length, ...) and before the sampling
+    warpers (temperature, top-k, top-p), as the official code. The official LLaVA script uses none
+    of the former.
 
     Args:
         model: a supported vision-language model.
@@ -49,8 +69,9 @@ class VCD(ContrastiveDecoder):
         seed: seed of the noise; ``None`` draws from torch's global generator as the official code.
     """
 
-    #: The official scripts sample (temperature 1, top-p 1); ``veridical eval`` uses this by default.
-    generation_defaults: ClassVar[dict] = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
+    #: The official LLaVA scripts' sampling: temperature 1, top-p 1 and no top-k (``top_k=None``
+    #: under transformers 4.31; transformers 5 needs 0). ``veridical eval`` uses this by default.
+    generation_defaults: ClassVar[dict] = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
     def __init__(
         self,

@@ -10,13 +10,15 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import LogitsProcessor
 
-from veridical.adapters import Inputs
+from veridical.adapters import Inputs, ModelAdapter
 from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, prompt_rows
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, scale_index
 from veridical.heads.paired import with_and_without_image
-from veridical.outputs import language_output
 from veridical.registry import register_method
+
+#: The official self-logits window (``--logits-layers 25,30``) and the depth it was written for.
+OFFICIAL_WINDOW = (25, 30)
 
 
 def steer(update: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tensor:
@@ -24,6 +26,8 @@ def steer(update: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tenso
 
     .. math:: x \leftarrow \mathrm{normalize}\big(\mathrm{normalize}(x)
               + \lambda\,(1 + \max(0, \cos(x, -v)))\,\mathrm{normalize}(v)\big)\,\lVert x \rVert
+
+    (``llm_layers.py`` lines 26-30 of LzVv123456/VISTA at dc62252, with one vector per layer.)
     """
     x = update.float()
     v = vector.float()[:, None, :]
@@ -32,12 +36,110 @@ def steer(update: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tenso
     return (steered * x.norm(dim=-1, keepdim=True)).to(update.dtype)
 
 
+def default_logits_window(depth: int) -> list[int]:
+    """The official window 25..30 of a 32-layer decoder at the same relative depth of a ``depth``-deep one.
+
+    Indices are layer outputs, as the official code counts them. At 32 layers the window ends one
+    layer before the last (whose output, after the final norm, gives the logits themselves); the
+    scaled window never reaches past that either.
+    """
+    first, last = (scale_index(i, depth) for i in OFFICIAL_WINDOW)
+    last = max(0, min(last, depth - 2))
+    return list(range(min(first, last), last + 1))
+
+
+def _official_numbers(name: str, text: str, count: tuple[int, ...]) -> list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in count:
+        forms = " or ".join(",".join(["n"] * k) for k in count)
+        raise MethodSpecError(f"VISTA {name} {text!r}: expected comma-separated integers ({forms})")
+    return numbers
+
+
+def logits_window(layers: Sequence[int] | str | None, depth: int) -> list[int]:
+    """Layer outputs averaged by the self-logits augmentation.
+
+    ``None``: :func:`default_logits_window`. A string ``"a,b"`` is the official ``--logits-layers``:
+    the outputs of layers ``a..b``, both included (negative indices count from the end, as the
+    official list indexing does). A sequence lists layer outputs. Index ``depth - 1`` is the last
+    layer's output after the final norm, as in the official code (transformers' last hidden state).
+    """
+    if layers is None:
+        return default_logits_window(depth)
+    if isinstance(layers, str):
+        first, last = _official_numbers("logits_layers", layers, (2,))
+        layers = list(range(first, last + 1))
+    if isinstance(layers, int):
+        layers = [layers]
+    if not all(isinstance(i, int) for i in layers):
+        raise MethodSpecError(f"VISTA logits_layers must be layer indices or 'a,b', got {layers!r}")
+    window = [i + depth if -depth <= i < 0 else i for i in layers]
+    bad = [i for i in window if not 0 <= i < depth]
+    if bad or not window:
+        raise MethodSpecError(
+            f"VISTA logits_layers {layers!r} are not layer outputs 0..{depth - 1} of this decoder"
+        )
+    return window
+
+
+def steering_pairs(layers: Sequence[int] | str | None, depth: int) -> list[tuple[int, int]]:
+    """``(steered layer, steering vector's layer)`` pairs.
+
+    ``None``: every layer with its own vector. A string is the official ``--layers``: ``"s,e"``
+    steers layers ``s:e`` (a Python slice) with their own vectors, ``"a,b,c,d"`` steers layers
+    ``a:b`` with the vectors of layers ``c:d``, paired in order (``llm_layers.py`` lines 136-150). A
+    sequence lists layers, each steered with its own vector.
+    """
+    if layers is None:
+        return [(i, i) for i in range(depth)]
+    if isinstance(layers, str):
+        numbers = _official_numbers("layers", layers, (2, 4))
+        steered = range(depth)[numbers[0] : numbers[1]]
+        sources = range(depth)[numbers[-2] : numbers[-1]]
+        if not steered or len(sources) < len(steered):
+            raise MethodSpecError(
+                f"VISTA layers {layers!r} select {len(steered)} layer(s) and {len(sources)} vector(s) of "
+                f"a {depth}-layer decoder; each steered layer needs a vector"
+            )
+        return list(zip(steered, sources, strict=False))
+    return [(i, i) for i in check_layers("VISTA", layers, depth)]
+
+
+def layer_outputs(adapter: ModelAdapter, inputs: Inputs) -> torch.Tensor:
+    """``(rows, layers, d)``: every decoder layer's raw output at the last prompt token (float32).
+
+    Read with forward hooks on the layers, as the official ``ForwardTracer`` does
+    (``steering_vector.py`` lines 65-88): the last layer's output comes before the final norm.
+    """
+    outputs: dict[int, torch.Tensor] = {}
+
+    def record(index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            outputs[index] = hidden[:, -1].float()
+
+        return hook
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(adapter.layers)]
+    try:
+        with auxiliary_forwards():
+            adapter.run_prompt(inputs, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([outputs[i] for i in range(len(adapter.layers))], dim=1)
+
+
 class _SelfLogits(AttentionHook, LogitsProcessor):
-    r"""Self-logits augmentation: mixes the final logits with ``lm_head`` of earlier residual states.
+    r"""Self-logits augmentation: mixes the final logits with ``lm_head`` of earlier layer outputs.
 
     :math:`(1 - w)\,l_{\text{final}} + w\,\overline{\mathrm{lm\_head}(h_i)}` over the window, where
-    :math:`h_i` is the last position's residual stream entering layer :math:`i` (no final norm, as the
-    official code), read from the model's own forward (never from a contrast branch).
+    :math:`h_i` is layer :math:`i`'s output at the last position (the residual stream entering layer
+    :math:`i + 1`, no final norm; the last layer's output after the final norm, as the official
+    code's hidden states), read from the model's own forward (never from a contrast branch).
     """
 
     observes_layer_inputs = True
@@ -45,25 +147,44 @@ class _SelfLogits(AttentionHook, LogitsProcessor):
     #: Reads the hidden states of the forward that produced the scores (OPERA refuses it).
     reads_model_forward = True
 
-    def __init__(self, lm_head: nn.Module, layers: list[int], weight: float):
-        self.lm_head, self.layers, self.weight = lm_head, layers, weight
+    def __init__(self, adapter: ModelAdapter, window: list[int], weight: float):
+        self.lm_head, self.window, self.weight = adapter.lm_head, window, weight
+        self.depth = adapter.num_layers
+        #: The window reads the last layer's output, which only the final norm's output holds.
+        self.reads_final = self.depth - 1 in window
+        inputs = {i + 1 for i in window if i + 1 < self.depth}
+        self.layers = sorted(inputs | ({self.depth - 1} if self.reads_final else set()))
         self.states: dict[int, torch.Tensor] = {}
+        self._main_rows: int | None = None
 
     def observe_layer_input(self, layer_idx: int, hidden: torch.Tensor, context: ForwardContext) -> None:
-        if not context.sequence.auxiliary:
-            self.states[layer_idx] = hidden[:, -1]
+        if context.sequence.auxiliary:
+            return
+        if layer_idx - 1 in self.window:
+            self.states[layer_idx - 1] = hidden[:, -1]
+        if self.reads_final and layer_idx == self.depth - 1:
+            # The main rows come first in a forward that carries contrast branches too.
+            self._main_rows = hidden.shape[0]
+
+    def observe_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        rows, self._main_rows = self._main_rows, None
+        if rows is not None:
+            self.states[self.depth - 1] = output[:rows, -1]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = [self.states[i] for i in self.layers]
-        if states[0].shape[0] != scores.shape[0]:
+        states = [self.states.get(i) for i in self.window]
+        if any(s is None or s.shape[0] != scores.shape[0] for s in states):
             raise RuntimeError("VISTA's logits augmentation saw no forward of this generate() call")
         with torch.no_grad():
             early = torch.stack([self.lm_head(h).float() for h in states]).mean(dim=0).to(scores.device)
-        final = torch.log_softmax(
-            scores.float(), dim=-1
-        )  # a per-row shift of the logits, as under beam search
-        mixed = torch.log_softmax((1 - self.weight) * final + self.weight * early, dim=-1)
-        return torch.where(torch.isfinite(final), mixed, final).to(scores.dtype)
+        # A per-row shift of the logits (the official code mixes raw logits), as under beam search.
+        final = torch.log_softmax(scores.float(), dim=-1)
+        # Tokens another processor removed stay removed (the official code mixes before them all);
+        # masking before the product keeps logits_alpha=1 free of 0 * -inf.
+        allowed = torch.isfinite(final)
+        mixed = torch.where(allowed, (1 - self.weight) * final + self.weight * early, -torch.inf)
+        alive = allowed.any(dim=-1, keepdim=True)
+        return torch.where(alive, torch.log_softmax(mixed, dim=-1), scores.float()).to(scores.dtype)
 
 
 @register_method("vista")
@@ -71,23 +192,46 @@ class VISTA(HeadMethod):
     r"""Visual Information Steering with Token-logit Augmentation.
 
     Li et al., "The Hidden Life of Tokens: Reducing Hallucination of Large Vision-Language Models via
-    Visual Information Steering", ICML 2025; official code LzVv123456/VISTA (``llm_layers.py``,
-    ``steering_vector.py``).
+    Visual Information Steering", ICML 2025; official code LzVv123456/VISTA at dc62252
+    (``llm_layers.py``, ``steering_vector.py``, ``llava/model/language_model/llava_llama.py``).
 
-    1. *Visual steering vector*: for every decoder layer :math:`l`, :math:`v_l` = the layer's output at
-       the last prompt token with the image minus without it (one stacked forward on entry, per
-       prompt). Each layer's MLP output is then steered at every position and step by :func:`steer`
-       with ``lam`` (0.17 for captioning, 0.01 for yes/no questions as the official scripts;
-       ``veridical eval pope`` uses 0.01 unless you set it).
-    2. *Self-logits augmentation*: the next-token logits become :math:`0.7\,l + 0.3` x the mean of
-       ``lm_head`` applied to the residual states of hidden-state indices 25..30 (LLaVA-7B, scaled to
-       the model's depth), without the final norm as in the code. Exposed as :attr:`logits_processor`.
+    1. *Visual steering vector* (``steering_vector.py`` ``obtain_vsv``, lines 113-129): for every
+       decoder layer :math:`l`, :math:`v_l` = the layer's raw output (no final norm, also for the
+       last layer) at the last prompt token with the image minus without it (one stacked forward on
+       entry, per prompt). Each steered layer's MLP output is then pushed at every position and step
+       by :func:`steer` with ``lam`` (``run_chair.sh`` 0.17, ``run_pope.sh`` 0.01; ``veridical eval
+       pope`` uses 0.01 unless you set it).
+    2. *Self-logits augmentation* (``llava_llama.py`` lines 93-103): the next-token logits become
+       :math:`0.7\,l + 0.3` x the mean of ``lm_head`` applied to the outputs of layers 25..30 (the
+       official ``--logits-layers 25,30``, which indexes the hidden states after dropping the
+       embeddings: transformers' ``hidden_states[26..31]``), without the final norm. Exposed as
+       :attr:`logits_processor`. Other depths get the same relative window, ending at least one layer
+       before the last (:func:`default_logits_window`).
+
+    The official ``obtain_vsv`` fits a rank-1 PCA to the one (image - no image) difference of a
+    prompt and returns ``component + mean``. The centred data of a single row are zero, so its
+    component is the first unit vector (what SVD returns for a zero matrix; the sign flip makes it
+    positive): the official vectors carry an extra +1 at layer 0, dimension 0. ``official_pca=True``
+    (default) reproduces it; ``False`` gives the plain difference the paper describes.
+
+    Other differences from the official code:
+
+    - one steering vector per prompt of a batch (the official scripts run batch size 1);
+    - the augmentation mixes after any processors ``generate()`` runs before it (repetition
+      penalty, ...), the official code before all of them (the official scripts use none);
+    - a window or ``layers`` written as a list uses veridical's list form (below); the official
+      strings are accepted as strings.
 
     Args:
         lam: steering strength; 0 disables steering.
         logits_alpha: weight of the early-layer logits; 0 disables the augmentation.
-        logits_layers: hidden-state indices of the augmentation window (default: scaled 25..30).
-        layers: decoder layers whose MLP output is steered (default: all).
+        logits_layers: layer outputs averaged: ``"a,b"`` (official, ``a..b`` inclusive), a list of
+            layer indices, or ``None`` (25..30 scaled). Index ``depth - 1`` reads the last layer's
+            output after the final norm, as the official code.
+        layers: steered layers: ``"s,e"`` (official, layers ``s:e`` with their own vectors),
+            ``"a,b,c,d"`` (official, layers ``a:b`` with the vectors of layers ``c:d``), a list of
+            layers (each with its own vector), or ``None`` (all).
+        official_pca: add the official single-pair PCA's +1 at layer 0, dimension 0.
     """
 
     needs_weights = False
@@ -100,8 +244,9 @@ class VISTA(HeadMethod):
         inputs: Inputs,
         lam: float = 0.17,
         logits_alpha: float = 0.3,
-        logits_layers: Sequence[int] | None = None,
-        layers: Sequence[int] | None = None,
+        logits_layers: Sequence[int] | str | None = None,
+        layers: Sequence[int] | str | None = None,
+        official_pca: bool = True,
     ):
         super().__init__(model, inputs)
         if lam < 0:
@@ -109,15 +254,10 @@ class VISTA(HeadMethod):
         if not 0 <= logits_alpha <= 1:
             raise MethodSpecError(f"VISTA logits_alpha must be in [0, 1], got {logits_alpha}")
         depth = self.adapter.num_layers
-        self.steered = check_layers("VISTA", layers, depth) if layers is not None else list(range(depth))
-        if logits_layers is None:
-            first, last = (min(max(scale_index(i, depth), 1), depth - 1) for i in (25, 30))
-            logits_layers = range(first, last + 1)
-        window = check_layers("VISTA logits", logits_layers, depth)
-        if window[0] < 1:
-            raise MethodSpecError("VISTA logits_layers are hidden-state indices from 1 (0 is the embeddings)")
-        self.lam, self.logits_alpha = lam, logits_alpha
-        self.augmentation = _SelfLogits(self.adapter.lm_head, window, logits_alpha) if logits_alpha else None
+        self.pairs = steering_pairs(layers, depth)
+        window = logits_window(logits_layers, depth)
+        self.lam, self.logits_alpha, self.official_pca = lam, logits_alpha, bool(official_pca)
+        self.augmentation = _SelfLogits(self.adapter, window, logits_alpha) if logits_alpha else None
         self.logits_processor = self.augmentation
         self.vectors: torch.Tensor | None = None
         self._handles: list[Any] = []
@@ -125,16 +265,10 @@ class VISTA(HeadMethod):
     @torch.no_grad()
     def prepare(self) -> None:
         if self.lam and self.vectors is None:
-            with auxiliary_forwards():
-                output = self.adapter.run_prompt(
-                    with_and_without_image(self.adapter, self.inputs),
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                )
-            last = torch.stack(language_output(output).hidden_states[1:], dim=1)[
-                :, :, -1
-            ].float()  # (2B, layers, d)
-            self.vectors = last[: self.prompts] - last[self.prompts :]
+            outputs = layer_outputs(self.adapter, with_and_without_image(self.adapter, self.inputs))
+            self.vectors = outputs[: self.prompts] - outputs[self.prompts :]  # (B, layers, d)
+            if self.official_pca:
+                self.vectors[:, 0, 0] += 1
 
     def hooks(self) -> list[AttentionHook]:
         return [self.augmentation] if self.augmentation else []
@@ -142,9 +276,12 @@ class VISTA(HeadMethod):
     def __enter__(self) -> VISTA:
         super().__enter__()
         if self.lam:
-            for layer in self.steered:
+            for layer, source in self.pairs:
                 mlp = self.adapter.layers[layer].mlp
-                self._handles.append(mlp.register_forward_hook(self._steer_hook(layer)))
+                self._handles.append(mlp.register_forward_hook(self._steer_hook(source)))
+        if self.augmentation is not None and self.augmentation.reads_final:
+            norm = self.adapter.final_norm
+            self._handles.append(norm.register_forward_hook(self.augmentation.observe_final_norm))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -153,9 +290,9 @@ class VISTA(HeadMethod):
         self._handles.clear()
         super().__exit__(*exc)
 
-    def _steer_hook(self, layer: int):
+    def _steer_hook(self, source: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            vectors = prompt_rows(self.vectors[:, layer], output.shape[0]).to(output.device)
+            vectors = prompt_rows(self.vectors[:, source], output.shape[0]).to(output.device)
             return steer(output, vectors, self.lam)
 
         return hook
