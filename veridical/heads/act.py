@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,13 @@ HeadSet = dict[int, list[int]]
 
 
 def sink_columns(weights: torch.Tensor, valid: torch.Tensor | None, threshold: float) -> torch.Tensor:
-    """``(rows, heads, keys)``: columns with mean attention above ``threshold`` over the queries seeing them.
+    """``(rows, heads, keys)``: columns with mean attention above ``threshold`` over the queries seeing them,
+    except the first such column of each row and head.
 
-    ``weights`` is a square prefill map ``(rows, heads, tokens, tokens)``. Padding rows and columns
-    never count, and each row's first real token (the always-attended start) is never a sink.
+    ``weights`` is a square prefill map ``(rows, heads, tokens, tokens)``; padding rows and columns never
+    count. The official code drops the first column it detects (``models/llama_modelling_aug.py`` L27-28,
+    ``indices[1:]``): the start token wherever that token is a sink, but in a head where it is not, the
+    first hidden sink, which then keeps its attention.
     """
     rows, _, tokens, _ = weights.shape
     if valid is None:
@@ -33,11 +35,11 @@ def sink_columns(weights: torch.Tensor, valid: torch.Tensor | None, threshold: f
     column_sum = (weights * valid[:, None, :, None]).sum(dim=2)
     # Real queries at or after column j: the causal rows that can attend to it.
     seen_by = valid.flip(-1).cumsum(-1).flip(-1).float()
+    # A padding column gets no attention from real queries, so its mean (0) never passes the threshold.
     sinks = column_sum / seen_by.clamp_min(1)[:, None, :] > threshold
-    first = valid.float().argmax(dim=-1)
-    sinks &= valid[:, None, :]
-    sinks[torch.arange(rows), :, first] = False
-    return sinks
+    # argmax returns the first maximum: the first detected column (0, already False, when none is).
+    first = sinks.to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return sinks.scatter(-1, first, False)
 
 
 def redistribute(weights: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
@@ -69,12 +71,15 @@ class ACT(HeadMethod):
     r"""Attention Calibration Technique.
 
     Yu et al., "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models
-    without Training through Attention Calibration", ICML 2024; official code GATECH-EIC/ACT
-    (``models/llama_modelling_aug.py``, ``models/augment_index.py``).
+    without Training through Attention Calibration", ICML 2024; official code GATECH-EIC/ACT at
+    a267af7 (``models/llama_modelling_aug.py`` ``atten_process_eval`` L16-39, ``models/augment_index.py``,
+    ``scripts/evaluation.sh``: ``BETA=0.4``, ``THRES=0.1``).
 
-    In the chosen heads, a column :math:`j` (except the first token) whose mean attention over the
-    queries that can see it exceeds ``threshold`` (0.1) is a hidden sink; its weights are scaled by
-    ``scale`` (0.4) and the freed mass is given to the other columns in proportion to their weights.
+    In each chosen head, a column :math:`j` whose mean attention over the queries that can see it
+    (:math:`\sum_i a_{ij} / (T - j)`) exceeds ``threshold`` (0.1) is a sink, except the first column
+    so detected (the code's ``indices[1:]``: the start token wherever it is a sink, otherwise the
+    first hidden sink, which keeps its attention). A sink keeps ``scale`` (0.4) of its weight and the
+    freed mass goes to the row's other columns in proportion to their weights.
 
     Heads: the official code ships per-layer head lists for layers 2..30 of LLaMA-2-7B found by a
     calibration that keeps a head when calibrating it alone improves the model on a calibration set;
@@ -82,8 +87,19 @@ class ACT(HeadMethod):
     ``heads="path.json"`` reuse it. Without a head set every head of layers 2..30 (scaled) is
     calibrated.
 
-    Generation (not in the official code, which scores whole sequences): sink columns are found on
-    the prompt at prefill and kept fixed; every later query row is calibrated on those columns.
+    Differences from the official code:
+
+    - Generation: the code calibrates whole sequences scored in one forward (``main.py``, one prompt
+      at a time); its MT-bench script patches the stock attention, whose decoder layers never pass
+      the layer ``signal``, so generated tokens are never calibrated there. Here the sink columns
+      are found on the prompt at prefill and kept; every later query row is calibrated on them (a
+      generated token is never a sink).
+    - Batches: the code edits batch row 0 only (its batch size is 1); here every row is calibrated
+      on its own sinks, a column's mean runs over that row's real queries and padding is never a sink.
+    - Precision: the code thresholds the probabilities after casting them to the model's dtype
+      (float16); here they are thresholded in float32.
+    - A row whose whole mass sits on sinks has nothing to give the freed mass to: the code divides by
+      zero (NaN), here the row is left as it is.
 
     Args:
         scale: share of attention a sink column keeps; 1 leaves attention unchanged.
@@ -155,8 +171,11 @@ def calibrate_act_heads(
     ``samples`` are ``(inputs, target_ids)`` pairs: a prompt with its image and the token ids of the
     reference answer (a POPE "yes"/"no", a caption, ...). The score is the mean log-probability of
     the targets given the prompt, teacher-forced (the official code uses accuracy on a few
-    classification sets; log-probabilities separate heads with far fewer samples). Cost: one forward
-    per sample per candidate head.
+    classification sets; log-probabilities separate heads with far fewer samples). A head is kept
+    when its score beats its layer run through the same attention kernel unedited, so a head whose
+    calibration changes nothing (no sink left) ties and is not kept, where a comparison with the
+    model's own (sdpa) attention would decide it on rounding. Cost: one forward per sample per
+    candidate head, and one per sample per layer.
     """
     from tqdm.auto import tqdm
 
@@ -168,23 +187,23 @@ def calibrate_act_heads(
         raise InputError("ACT calibration needs at least one (inputs, target_ids) sample")
     depth = adapter.num_layers
     layers = check_layers("ACT", layers, depth) if layers is not None else layer_range(2, 31, depth)
+    all_heads = list(range(adapter.num_heads))
 
-    def score(heads: HeadSet | None) -> float:
+    def score(heads: HeadSet, scale: float) -> float:
         total = 0.0
         for inputs, target_len in samples:
-            method = (
-                ACT(model, inputs, scale=scale, threshold=threshold, heads=heads) if heads else nullcontext()
-            )
-            with method:
+            with ACT(model, inputs, scale=scale, threshold=threshold, heads=heads):
                 logits = adapter.run_prompt(inputs).logits.float()
             total += _target_log_prob(logits, inputs["input_ids"], target_len)
         return total / len(samples)
 
-    baseline = score(None)
     chosen: HeadSet = {}
-    candidates = [(layer, head) for layer in layers for head in range(adapter.num_heads)]
+    candidates = [(layer, head) for layer in layers for head in all_heads]
+    baselines: dict[int, float] = {}
     for layer, head in tqdm(candidates, desc="ACT calibration", disable=not progress):
-        if score({layer: [head]}) > baseline:
+        if layer not in baselines:  # scale 1: the layer's attention computed as ACT computes it, unedited
+            baselines[layer] = score({layer: all_heads}, 1.0)
+        if score({layer: [head]}, scale) > baselines[layer]:
             chosen.setdefault(layer, []).append(head)
     return chosen
 

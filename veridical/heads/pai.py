@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,22 +21,43 @@ class PAI(HeadMethod):
     r"""Image attention amplification before the softmax.
 
     Liu et al., "Paying More Attention to Image: A Training-Free Method for Alleviating
-    Hallucination in LVLMs", ECCV 2024; official code LALBJ/PAI (``attention.py``, ``CFG.py``).
+    Hallucination in LVLMs", ECCV 2024; official code LALBJ/PAI (commit 9bbd8bd: ``attention.py``,
+    ``CFG.py``, ``model_loader.py``).
 
     In layers 2..31 of a 32-layer decoder (the same relative depth on other models), the last query
     row's pre-softmax scores :math:`a` to image keys are raised by their magnitude,
 
-    .. math:: a_j \leftarrow a_j + \alpha\,|a_j| \quad (j \text{ an image token}),
+    .. math:: a_j \leftarrow a_j + \alpha\,|a_j| \quad (j \text{ an image token})
 
-    at prefill (the last prompt token) and at every generated token. Defaults as the official
-    scripts: ``alpha=0.2``, ``--start-layer 2 --end-layer 32``.
+    (``attention.py`` lines 90-94: row ``-1``, columns ``img_start_idx:img_end_idx``, after the mask),
+    at every generated token. Defaults as the official scripts: ``alpha=0.2``, ``--start-layer 2
+    --end-layer 32`` (``pope_eval.py``/``chair_eval.py`` lines 50, 54-55).
 
-    ``gamma > 1`` adds the official text-only contrast (``--use-cfg --gamma 1.1``):
-    :math:`\gamma\,l - (\gamma - 1)\,l_{\text{text}}` with a plausibility cutoff at 0.1 of the top
-    probability, where :math:`l_{\text{text}}` comes from the prompt without the image (that branch has
-    no image tokens, so it runs unboosted as in the official code). It is off by default so that PAI
-    alone is a pure attention intervention; it is exposed as :attr:`logits_processor`, which
-    :func:`veridical.generate` adds, or pass it yourself to ``model.generate``.
+    ``gamma > 1`` adds the official text-only contrast (``--use-cfg --gamma 1.1``, ``CFG.py`` lines
+    29-57): :math:`\gamma\,l - (\gamma - 1)\,l_{\text{text}}` over log-probabilities with a
+    plausibility cutoff at 0.1 of the top probability, where :math:`l_{\text{text}}` comes from the
+    prompt without the image. It is exposed as :attr:`logits_processor`, which
+    :func:`veridical.generate` adds; with the bare context manager pass it to ``model.generate``
+    yourself.
+
+    The prompt's own forward (prefill, which produces the first generated token: the whole answer on
+    POPE) is boosted only while the contrast is off, as in the official code: ``attention.py`` boosts
+    only ``if use_attn and not use_cfg`` (line 90); ``llama_modify`` sets ``use_cfg`` to the
+    command's ``--use-cfg`` before ``generate`` (line 125), and only the contrast processor, after the
+    prefill, sets it back to ``False`` (``CFG.py`` line 49) once it has run the image-free branch
+    with it ``True`` (lines 33-47). So with the contrast on, the prefill and the image-free branch run
+    unboosted and every later token is boosted; without it, every forward is boosted.
+    ``boost_prefill=True`` boosts the prefill with the contrast on too (the paper describes no
+    exception).
+
+    Default ``gamma=1`` (contrast off), the official scripts' own default (``--use-cfg`` is a flag,
+    ``pope_eval.py`` line 52) and what keeps PAI alone a pure attention intervention. Every command
+    the official README publishes adds ``--use-cfg --gamma 1.1``: ``gamma=1.1`` reproduces them.
+
+    Differences from the official code: image columns come from each row's image tokens (batches,
+    left padding), not one ``img_start_idx:img_end_idx`` slice for the batch; the image-free
+    branch follows beam search (the official one does not reorder with the beams); the contrast's
+    scores are returned as log-probabilities, as the official processor returns them.
 
     Args:
         model: a supported vision-language model.
@@ -42,6 +65,7 @@ class PAI(HeadMethod):
         alpha: amplification; 0 leaves attention unchanged.
         gamma: text-only contrast strength; 1 disables it.
         layers: decoder layers to modify (default: the scaled official range).
+        boost_prefill: boost the prompt's forward too; default: only when ``gamma == 1`` (official).
     """
 
     def __init__(
@@ -51,6 +75,7 @@ class PAI(HeadMethod):
         alpha: float = 0.2,
         gamma: float = 1.0,
         layers: Sequence[int] | None = None,
+        boost_prefill: bool | None = None,
     ):
         super().__init__(model, inputs)
         if alpha < 0:
@@ -62,10 +87,29 @@ class PAI(HeadMethod):
         depth = self.adapter.num_layers
         self.layers = check_layers("PAI", layers, depth) if layers is not None else layer_range(2, 32, depth)
         self.alpha, self.gamma = alpha, gamma
+        if boost_prefill is not None and not isinstance(boost_prefill, bool):
+            raise MethodSpecError(
+                f"{type(self).__name__} boost_prefill must be true or false, got {boost_prefill!r}"
+            )
+        # The official code skips the prefill exactly when its contrast processor is in use.
+        self.boost_prefill = gamma == 1 if boost_prefill is None else boost_prefill
         if gamma != 1:
             from veridical.decoders.vcd import VCD
 
             self.logits_processor = VCD(model, inputs, alpha=gamma - 1, beta=0.1, contrast="no_image")
+
+    _skipped_prefill = False
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        contrast = self.logits_processor
+        if self._skipped_prefill and contrast is not None and getattr(contrast, "_branch", None) is None:
+            # The prefill was left unboosted for a contrast that never ran: neither half of PAI applied.
+            warnings.warn(
+                f"{type(self).__name__}(gamma={self.gamma}) ran without its text-only contrast: pass "
+                "method.logits_processor to generate() or use veridical.generate",
+                stacklevel=2,
+            )
 
     def key_weights(self, context: ForwardContext, keys: int) -> torch.Tensor:
         """``(rows, keys)`` amplification of each key column for the newest query."""
@@ -77,6 +121,9 @@ class PAI(HeadMethod):
 
     def edit_logits(self, module: nn.Module, logits: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         if not context.sequence.has_image:  # a contrast branch without the image
+            return logits
+        if context.is_prefill and not self.boost_prefill:
+            self._skipped_prefill = True
             return logits
         keys = logits.shape[-1]
         weights = context.once(  # (rows, 1, 1, keys), the same in every layer of this forward

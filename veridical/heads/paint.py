@@ -43,16 +43,24 @@ class PAINT(PAI):
 
     Arif et al., "PAINT: Paying Attention to INformed Tokens to Mitigate Hallucination in Large
     Vision-Language Model" ("Fixing Imbalanced Attention to Mitigate In-Context Hallucination"); official
-    code hasanar1f/PAINT (``modPAI/attention.py``, ``modPAI/llava/model/multimodal_encoder/clip_encoder.py``).
+    code hasanar1f/PAINT (commit 2a9e8f8: ``modPAI/attention.py``,
+    ``modPAI/llava/model/multimodal_encoder/clip_encoder.py``, ``modPAI/chair_eval.py``).
 
-    From the CLIP tower's CLS-query attention (summed over heads):
+    From the CLIP tower's CLS-query attention (summed over heads; ``clip_encoder.py`` lines 38-39):
 
     - *summary* tokens: the :math:`k` patches with the largest attention in vision layer -2, where
-      :math:`k` is the number of IQR outliers (above :math:`Q_3 + 1.5\,\mathrm{IQR}`) there;
-    - *local* tokens: the top 25% by attention in vision layer 0, minus the summary tokens.
+      :math:`k` is the number of IQR outliers (above :math:`Q_3 + 1.5\,\mathrm{IQR}`) there
+      (lines 16-29, 48);
+    - *local* tokens: the top 25% by attention in vision layer 0, minus the summary tokens
+      (lines 42, 46, 51-55).
 
     The last query's pre-softmax scores in decoder layers 2..31 (scaled to depth) get
-    :math:`a \leftarrow a + 0.7|a|` on local tokens and :math:`a + 0.3|a|` on summary tokens.
+    :math:`a \leftarrow a + 0.7|a|` on local tokens and :math:`a + 0.3|a|` on summary tokens
+    (``attention.py`` lines 139-147), at every generated token; like PAI, the prompt's own forward is
+    boosted only while the text-only contrast is off (``gamma=1``; line 139 tests ``not use_cfg``).
+    Defaults are ``chair_eval.py``'s (``--alpha 0.7 --beta 0.3``, lines 51-52; local ratio 0.25 is
+    fixed in ``clip_encoder.py`` line 37); its shipped command ``modpai_eval.sh`` line 17 runs
+    ``--alpha 0.9 --beta 0.3 --use-cfg --gamma 1.1`` (``local_alpha=0.9, gamma=1.1``).
 
     Code and paper differ: the paper also scales the boost per head by its measured visual
     sensitivity; the released code does not. Default as the code; ``head_modulation=True`` adds a
@@ -63,14 +71,15 @@ class PAINT(PAI):
     round one below the outlier count; here it is the count itself. It reads only the first image of a
     batch; here every image gets its own tokens.
 
-    Applies to LLaVA-1.5 models (one CLIP patch per image token); other families raise.
+    Applies to LLaVA-1.5 models (one vision-tower patch per image token) whose vision tower has a CLS
+    token (CLIP); other families and CLS-less towers (SigLIP) raise.
 
     Args:
         local_alpha: boost of local tokens (0.7).
         summary_alpha: boost of summary tokens (0.3).
         local_ratio: share of patches taken as local candidates (0.25).
         head_modulation: scale the boost per head by visual sensitivity (paper variant).
-        gamma, layers: as :class:`~veridical.heads.pai.PAI`.
+        gamma, layers, boost_prefill: as :class:`~veridical.heads.pai.PAI`.
     """
 
     families = ("llava",)
@@ -85,8 +94,23 @@ class PAINT(PAI):
         head_modulation: bool = False,
         gamma: float = 1.0,
         layers: Sequence[int] | None = None,
+        boost_prefill: bool | None = None,
     ):
-        super().__init__(model, inputs, alpha=max(local_alpha, summary_alpha), gamma=gamma, layers=layers)
+        super().__init__(
+            model,
+            inputs,
+            alpha=max(local_alpha, summary_alpha),
+            gamma=gamma,
+            layers=layers,
+            boost_prefill=boost_prefill,
+        )
+        tower = model.model.vision_tower
+        if getattr(getattr(tower, "embeddings", None), "class_embedding", None) is None:
+            # Without a CLS token the CLS query would silently be the first patch.
+            raise MethodSpecError(
+                f"PAINT chooses tokens from the vision tower's CLS-token attention; "
+                f"{type(tower).__name__} has no CLS token"
+            )
         if min(local_alpha, summary_alpha) < 0:
             raise MethodSpecError(f"PAINT boosts must be >= 0, got {local_alpha}, {summary_alpha}")
         if not 0 < local_ratio <= 1:

@@ -18,16 +18,23 @@ from torch import nn
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, intercept_attention
 
-#: Published sink dimensions, keyed by (family, text model type, hidden size, layers).
-KNOWN_SINK_DIMS: dict[tuple[str, str, int, int], tuple[int, ...]] = {
-    # LLaMA-2-7B / Vicuna-7B-v1.5 (LLaVA-1.5-7B, LLaVA-NeXT-Vicuna-7B)
-    ("llava", "llama", 4096, 32): (2533, 1415),
-    ("llava_next", "llama", 4096, 32): (2533, 1415),
-    # LLaMA-2-13B / Vicuna-13B-v1.5
-    ("llava", "llama", 5120, 40): (2100, 4743),
-    ("llava_next", "llama", 5120, 40): (2100, 4743),
-    # Qwen2-VL-7B (reported in the paper)
-    ("qwen2_vl", "qwen2_vl_text", 3584, 28): (458, 2570),
+#: Published sink dimensions, keyed by the text model's architecture: (family, text model type, hidden
+#: size, MLP width, layers, attention heads, key/value heads). Width and depth alone cannot tell
+#: LLaMA-2-7B from LLaMA-3-8B (both 4096 wide and 32 deep; LLaMA-3-8B has a 14336-wide MLP and 8
+#: key/value heads, as in llama3-llava-next-8b), whose massive-activation dimensions differ. Any
+#: architecture not listed here finds its own dimensions (:func:`detect_sink_dims`). A LLaMA-1-7B-based
+#: text model (same shapes as LLaMA-2-7B) cannot be told apart by its config; no LLaVA or LLaVA-NeXT
+#: release uses one.
+KNOWN_SINK_DIMS: dict[tuple, tuple[int, ...]] = {
+    # LLaMA-2-7B / Vicuna-7B-v1.5 (LLaVA-1.5-7B, LLaVA-NeXT-Vicuna-7B); VisAttnSink
+    # src/logic/constants.py L9
+    ("llava", "llama", 4096, 11008, 32, 32, 32): (2533, 1415),
+    ("llava_next", "llama", 4096, 11008, 32, 32, 32): (2533, 1415),
+    # LLaMA-2-13B / Vicuna-13B-v1.5; VisAttnSink src/logic/constants.py L10
+    ("llava", "llama", 5120, 13824, 40, 40, 40): (2100, 4743),
+    ("llava_next", "llama", 5120, 13824, 40, 40, 40): (2100, 4743),
+    # Qwen2-VL-7B (reported in the paper; not in the official code)
+    ("qwen2_vl", "qwen2_vl_text", 3584, 18944, 28, 28, 4): (458, 2570),
 }
 
 _DETECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -39,10 +46,23 @@ def rms_normalized(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return hidden * torch.rsqrt(hidden.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
-def known_sink_dims(adapter: ModelAdapter) -> tuple[int, ...] | None:
+def architecture_key(adapter: ModelAdapter) -> tuple:
+    """What :data:`KNOWN_SINK_DIMS` is keyed on, read from the model's text config."""
     text = adapter.text_config
-    key = (adapter.family, text.model_type, int(text.hidden_size), adapter.num_layers)
-    return KNOWN_SINK_DIMS.get(key)
+    return (
+        adapter.family,
+        str(text.model_type),
+        int(text.hidden_size),
+        getattr(text, "intermediate_size", None),
+        adapter.num_layers,
+        adapter.num_heads,
+        adapter.num_kv_heads,
+    )
+
+
+def known_sink_dims(adapter: ModelAdapter) -> tuple[int, ...] | None:
+    """The published sink dimensions of this model's text decoder, or ``None`` if none are published."""
+    return KNOWN_SINK_DIMS.get(architecture_key(adapter))
 
 
 class _PeakRecorder(AttentionHook):

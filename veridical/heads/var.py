@@ -20,8 +20,8 @@ class VAR(HeadMethod):
     r"""Visual Attention Redistribution.
 
     Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models", ICLR 2025;
-    official code seilk/VisAttnSink (``src/logic/logic.py``: ``DimProspector``, ``HeadFork``,
-    ``VARProcessor``).
+    official code seilk/VisAttnSink at 98e62d6 (``src/logic/logic.py``: ``DimProspector`` L98-110,
+    ``HeadFork`` L112-145, ``VARProcessor`` L147-212; defaults in ``A_exps/lv1.5_7b.yml``).
 
     *Sinks.* At prefill, for layers 2..L-1 (scaled from 32 layers), token :math:`j` is a sink of layer
     :math:`l` when its residual stream entering :math:`l`, RMS-normalised without weight, exceeds
@@ -37,10 +37,32 @@ class VAR(HeadMethod):
     weight; the freed mass :math:`(1-p)\sum_{\text{sinks}} a` goes to the non-sink image tokens in
     proportion to their weights, so the row still sums to 1.
 
-    Code and paper differ on the last layer: the paper excludes it, the code's skip flag is dead and
-    it is modified. Default as the code; ``skip_last_layer=True`` is the paper. The official code runs
-    one prompt at a time (it pools sink indices over the batch); here sinks, image positions and the
-    "after the image" rule are per row, so left-padded batches and beams give each row its own.
+    Code and paper differ on the last layer: the paper excludes it, the code's skip flag is dead
+    (``VARProcessor.except_last_layer = False`` at L148 shadows the configured value, so L169 never
+    skips) and it is modified. Default as the code; ``skip_last_layer=True`` is the paper.
+
+    Differences from the official code (its behaviours that are not carried over):
+
+    - Sink dimensions: the code tests LLaMA-2-7B's dimensions (2533, 1415) on every model
+      (``DefaultVars.dim_sink`` is fixed from ``llm_name = "llama-v2-7b"``, L10-15, and ``set_llm_name``
+      never updates it), LLaVA-1.5-13B included. Here each model gets its own published dimensions
+      (13B: 2100, 4743, as in ``src/logic/constants.py`` L10), keyed on its text architecture, or
+      detected ones.
+    - Sinks across prompts: the code's token counter lives in a class-level dictionary that
+      ``StashEngine.clear()`` does not reset (``src/stash.py`` L24-29, L88-93, L119-120), so sinks are
+      found only during the first prompt's prefill (``src/model/llava.py`` L314-316); every later
+      prompt reuses the first prompt's sink positions and is never limited to rows after the image
+      (L179). Here each prompt's sinks and image rows are its own.
+    - Start token: the code rebuilds the prompt ids without special tokens (``src/mm_utils.py``
+      L203-212, ``src/stash.py`` L230 and L283), so LLaVA sees no ``<s>``. Here the prompt is used as
+      the processor built it: with ``<s>``, itself a massive-activation token and so a text sink
+      whose attention is redistributed in selected rows.
+    - Batches: the code runs one prompt at a time (it pools sink indices over the batch); here
+      sinks, image positions and the "after the image" rule are per row, so left-padded batches and
+      beams give each row its own.
+    - Precision: the code edits float16 probabilities; here they are edited in float32.
+    - A selected row whose image tokens are all sinks has nothing to receive the freed mass: the
+      code divides by zero (NaN), here the row is left as it is.
 
     Beyond the paper, ``sink_dims="auto"`` (the default for models without published dimensions)
     detects them from the prompts and caches them per model, so VAR runs on every family.
@@ -103,8 +125,7 @@ class VAR(HeadMethod):
             sinks = values > self.tau
         else:
             sinks = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        if context.valid_keys is not None:
-            sinks &= context.valid_keys[:, -hidden.shape[1] :].to(sinks.device)
+        # Padding may pass the threshold too; real queries never attend to it, so it changes nothing.
         image = context.image_keys(hidden.shape[1]).to(sinks.device)
         # Decided once here (a GPU sync) rather than at every layer and step: no image sink, no edit.
         context.sequence.store.setdefault(self, {})[layer_idx] = sinks if (sinks & image).any() else None

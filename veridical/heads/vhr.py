@@ -43,9 +43,10 @@ def select_heads(divergence: torch.Tensor, text_norm: torch.Tensor, alpha: float
 class VHR(HeadMethod):
     r"""Vision-aware Head Reinforcement.
 
-    He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence", 2024.
-    Implemented from the paper's description (no official code was available to check against); the
-    choices it leaves open are stated below.
+    He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence", ACL 2025
+    (arXiv 2412.13949). The paper (v3) announces code at github.com/jinghan1he/VHR; no copy of it could
+    be read for this implementation, so the paper is the reference, and the choices it leaves open
+    are stated below.
 
     Vision-aware head divergence of head :math:`i` in layer :math:`l` at the first generated token
     (the last prompt position):
