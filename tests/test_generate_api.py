@@ -146,5 +146,12 @@ def test_command_line_specs_keep_lists_and_name_bad_values():
     spec = parse_method_spec("var:sink_dims=[0,1],tau=1.5")
     assert spec == {"name": "var", "sink_dims": [0, 1], "tau": 1.5}
     assert parse_method_spec("act:heads={1: [0, 2]}") == {"name": "act", "heads": {1: [0, 2]}}
+    # VISTA's official layer strings carry commas inside quotes.
+    assert parse_method_spec('vista:layers="2,6,8,12",lam=0.1') == {
+        "name": "vista",
+        "layers": "2,6,8,12",
+        "lam": 0.1,
+    }
+    assert parse_method_spec("vista:logits_layers='25,30'") == {"name": "vista", "logits_layers": "25,30"}
     with pytest.raises(MethodSpecError, match="sink_dims"):
         parse_method_spec("var:sink_dims=[0,1")

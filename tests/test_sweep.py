@@ -41,6 +41,8 @@ methods:
         ("models: [m]\nbenchmarks: {pope: {}}\nmethod: [vcd]\n", "unknown key"),
         ("models: [m]\nbenchmarks: {pope: {}\nmethods: [vcd]\n", "invalid YAML at line"),
         ("models: [m]\nbenchmarks: {vqa: {}}\nmethods: [vcd]\n", "unknown benchmark"),
+        ("models: [m]\nbenchmarks: {pope: {}}\nmethods: [vcd]\nprotocol: vdc\n", "unknown protocol 'vdc'"),
+        ("models: [m]\nbenchmarks: {pope: {}}\nmethods: [vcd]\nprotocol: [vcd, 2]\n", "protocol name"),
     ],
 )
 def test_malformed_sweeps_are_rejected_with_the_line(tmp_path, text, message):

@@ -95,12 +95,18 @@ def parse_method_spec(text: str) -> MethodSpec:
 
 
 def _split_top_level(params: str) -> list[str]:
-    """``a=1,dims=[0,1]`` -> ``["a=1", "dims=[0,1]"]``: commas inside brackets belong to the value."""
-    items, depth, current = [], 0, ""
+    """``a=1,dims=[0,1],layers="2,6"`` -> ``["a=1", "dims=[0,1]", 'layers="2,6"']``: commas inside
+    brackets or quotes belong to the value (VISTA's official ``"25,30"`` strings)."""
+    items, depth, quote, current = [], 0, "", ""
     for char in params:
-        depth += char in "[{("
-        depth -= char in "]})"
-        if char == "," and depth == 0:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        else:
+            depth += char in "[{("
+            depth -= char in "]})"
+        if char == "," and depth == 0 and not quote:
             items.append(current)
             current = ""
         else:

@@ -61,21 +61,42 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--hf-category", help="random | popular | adversarial")
     _add_chair_truth(ev, required=False)
     data.add_argument("--num-images", type=int, default=500, help="CHAIR: images sampled with --seed")
-    data.add_argument("--prompt", help="CHAIR prompt (default: 'Please describe this image in detail.')")
     data.add_argument("--limit", type=int, help="only the first N samples")
-    gen = ev.add_argument_group("generation (defaults: each method's paper setting)")
+    ev.add_argument(
+        "--protocol",
+        metavar="NAME",
+        help="an official evaluation script's prompt, decoding and answer parsing: "
+        "llava | vcd | opera | vista | avisc | pai | paint | var (list: veridical protocols; "
+        "default: 'default', documented in veridical.evals.protocols)",
+    )
+    prompt = ev.add_argument_group("prompt (defaults: the protocol's)")
+    prompt.add_argument(
+        "--prompt", help="CHAIR request (default protocol: 'Please describe this image in detail.')"
+    )
+    prompt.add_argument("--question-suffix", help="text appended to every question (CHAIR: to the request)")
+    prompt.add_argument(
+        "--prompt-template",
+        help="the whole prompt, with {image} and {question}; '' uses the processor's chat template",
+    )
+    gen = ev.add_argument_group(
+        "generation (defaults: the protocol's; default protocol: each method's paper setting)"
+    )
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--num-beams", type=int)
     gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE", help="any generate() setting")
-    ev.add_argument("--rule", default="llava", choices=sorted(PARSERS), help="POPE answer parsing rule")
+    ev.add_argument(
+        "--rule", choices=sorted(PARSERS), help="POPE answer parsing rule (default: the protocol's; llava)"
+    )
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--output", help="output folder (default: runs/<benchmark>-<model>-<methods>)")
+    ev.add_argument(
+        "--output", help="output folder (default: runs/<benchmark>-<model>-<methods>[-<protocol>])"
+    )
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=run_eval_command)
 
@@ -127,6 +148,13 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     weval.add_argument("--report", help="also write the table to this Markdown file")
     weval.add_argument("--no-progress", action="store_true")
     weval.set_defaults(run=world_eval)
+
+    protocols = sub.add_parser(
+        "protocols", help="list the evaluation protocols (official scripts' settings) for eval --protocol"
+    )
+    protocols.add_argument("name", nargs="?", help="print every setting of one protocol with its citation")
+    protocols.add_argument("--markdown", action="store_true", help="the table as Markdown (README)")
+    protocols.set_defaults(run=protocols_command)
 
     sweep = sub.add_parser("sweep", help="run a YAML grid of models, benchmarks and method stacks")
     sweep.add_argument("config", help="sweep YAML, e.g. configs/ablation_vcd.yaml")
@@ -245,45 +273,89 @@ def _samples(args: argparse.Namespace):
         "gt": args.gt,
         "coco_annotations": args.coco_annotations,
         "num_images": args.num_images,
-        "prompt": args.prompt or S.CHAIR_PROMPT,
     }
+
+
+def _resolve(args: argparse.Namespace, methods: list, family: str | None):
+    """The protocol resolved with the user's explicit flags (which win, and are recorded)."""
+    from veridical.evals.protocols import resolve_run
+
+    return resolve_run(
+        args.protocol,
+        args.benchmark,
+        family,
+        methods,
+        generation=generation_overrides(args),
+        rule=args.rule,
+        instruction=args.prompt,
+        question_suffix=args.question_suffix,
+        template=args.prompt_template,
+    )
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     from veridical.evals.chair import ChairScorer
     from veridical.evals.models import load_model
     from veridical.evals.pope import PopeScorer
-    from veridical.evals.runner import EvalConfig, method_name, resolve_generation, run_eval
+    from veridical.evals.protocols import check_protocol
+    from veridical.evals.runner import EvalConfig, method_name, run_eval
     from veridical.evals.samples import chair_samples
     from veridical.registry import parse_method_spec, validate_spec
 
     methods = [parse_method_spec(m) for m in args.method]
     for spec in methods:
         validate_spec(spec)
+    protocol = check_protocol(args.protocol, args.benchmark)
+    # What does not depend on the model family (request, parser) is resolved before the model loads,
+    # so that bad data fail fast; the rest once the family is known.
+    early = _resolve(args, methods, None)
     samples, data = _samples(args)
     if args.benchmark == "chair":
         chair = _chair(args)
+        data["prompt"] = early.instruction
         samples = chair_samples(
             args.images, list(chair.ground_truth), args.num_images, args.seed, data["prompt"]
         )
         scorer = ChairScorer(chair, seed=args.seed)
     else:
-        scorer = PopeScorer(args.rule)
-        data["rule"] = args.rule
+        scorer = PopeScorer(early.rule)
+        data["rule"] = early.rule
     if args.limit:
         samples = samples[: args.limit]
         data["limit"] = args.limit
-    generation = resolve_generation(args.benchmark, methods, generation_overrides(args))
-    config = EvalConfig(args.benchmark, args.model, methods, data, generation, args.batch_size, args.seed)
     label = "+".join(method_name(m) for m in methods) or "vanilla"
-    output = args.output or f"runs/{args.benchmark}-{Path(args.model).name}-{label}"
-    print(f"{args.benchmark}: {len(samples)} samples, methods [{label}], generation {generation} -> {output}")
+    suffix = "" if protocol.name == "default" else f"-{protocol.name}"
+    output = args.output or f"runs/{args.benchmark}-{Path(args.model).name}-{label}{suffix}"
     model, processor = load_model(args.model, args.dtype, args.device)
+    run = _resolve(args, methods, getattr(model.config, "model_type", None))
+    config = EvalConfig(
+        args.benchmark,
+        args.model,
+        run.methods,
+        data,
+        run.generation,
+        args.batch_size,
+        args.seed,
+        prompt=run.prompt,
+        protocol=run.record,
+    )
+    overridden = f", overridden {sorted(run.record['overridden'])}" if run.record["overridden"] else ""
+    print(
+        f"{args.benchmark}: {len(samples)} samples, methods [{label}], protocol {protocol.name}{overridden}, "
+        f"generation {run.generation} -> {output}"
+    )
     results = run_eval(config, model, processor, samples, scorer, output, progress=not args.no_progress)
     if results is not None:
         metrics = {k: v for k, v in results["metrics"].items() if isinstance(v, float)}
         print_metrics(metrics, len(samples), as_json=False)
         print(f"results: {Path(output) / 'results.json'}")
+    return 0
+
+
+def protocols_command(args: argparse.Namespace) -> int:
+    from veridical.evals.protocols import protocol_details, protocols_table
+
+    print(protocol_details(args.name) if args.name else protocols_table(markdown=args.markdown))
     return 0
 
 

@@ -2,12 +2,14 @@
 
 Output directory (lmms-eval style):
 
-- ``config.json``: what was asked (model, methods, generation settings, data); a re-run with the same
-  directory must ask the same, and then resumes;
+- ``config.json``: what was asked (model, methods, generation settings, data, protocol and prompt
+  format); a re-run with the same directory must ask the same, and then resumes;
 - ``samples.rank<k>.jsonl``: one record per finished sample, appended and fsynced batch by batch, so a
   killed run loses at most the batch in flight (a torn last line is dropped on resume);
-- ``results.json``: metrics, configuration, resolved method hyper-parameters, versions, seeds, wall
-  time, tokens/s and peak memory, written atomically by rank 0 once every sample is done.
+- ``results.json``: metrics, configuration, resolved method hyper-parameters, the evaluation protocol
+  (:mod:`veridical.evals.protocols`: name, resolved settings with their citations, what the user
+  overrode), versions, seeds, wall time, tokens/s and peak memory, written atomically by rank 0 once
+  every sample is done.
 
 Data-parallel runs (``torchrun`` or ``accelerate launch``) split the unfinished samples between ranks;
 rank 0 gathers every rank's records and scores them, so the result equals a single-process run.
@@ -29,11 +31,15 @@ import torch
 
 import veridical
 from veridical.evals.io import DataFileError, append_records, read_jsonl_resilient, write_json_atomic
-from veridical.evals.models import build_prompt
+from veridical.evals.protocols import DEFAULT, render_prompt, resolve_run
 from veridical.evals.samples import Sample
 from veridical.registry import hyperparameters, method_class
 
-BENCHMARK_GENERATION = {"pope": {"max_new_tokens": 128}, "chair": {"max_new_tokens": 512}}
+#: The default protocol's answer lengths (documented in :mod:`veridical.evals.protocols`).
+BENCHMARK_GENERATION = {
+    bench: {"max_new_tokens": DEFAULT.benchmarks[bench].settings["max_new_tokens"].value}
+    for bench in DEFAULT.benchmarks
+}
 
 
 class Scorer(Protocol):
@@ -51,10 +57,24 @@ class EvalConfig:
     generation: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     seed: int = 0
+    #: How questions become prompts: ``{"suffix": ..., "template": ...}`` (see ``render_prompt``).
+    prompt: dict[str, str] = field(default_factory=dict)
+    #: The protocol record written to ``results.json`` (``protocols.resolve_run``); None: not recorded.
+    protocol: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What must match for a re-run to resume an output directory."""
-        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        """What must match for a re-run to resume an output directory.
+
+        The protocol counts by name (its effects are in ``generation``, ``methods``, ``prompt`` and
+        ``data``); the default protocol and an empty prompt format are left out, so directories
+        written before protocols existed still resume.
+        """
+        found = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "protocol", "prompt")}
+        if self.prompt:
+            found["prompt"] = dict(self.prompt)
+        if self.protocol and self.protocol.get("name") != DEFAULT.name:
+            found["protocol"] = self.protocol["name"]
+        return found
 
 
 def method_name(spec: Any) -> str:
@@ -78,12 +98,9 @@ def stack_label(methods: Sequence[Any]) -> str:
 
 
 def resolve_generation(benchmark: str, methods: Sequence[Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Generation settings: the user's overrides, else the first method's paper setting, else greedy."""
-    settings: dict[str, Any] = {"do_sample": False, **BENCHMARK_GENERATION[benchmark]}
-    for spec in reversed(list(methods)):
-        settings.update(getattr(method_class(method_name(spec)), "generation_defaults", {}))
-    settings.update(overrides)
-    return settings
+    """Generation settings of the default protocol: the user's overrides, else the first method's
+    paper setting, else greedy (see :mod:`veridical.evals.protocols` for named protocols)."""
+    return resolve_run(None, benchmark, None, methods, overrides).generation
 
 
 def benchmark_methods(benchmark: str, methods: Sequence[Any]) -> list[Any]:
@@ -176,6 +193,7 @@ def run_eval(
         "model": config.model,
         "methods": resolved_methods(config.methods),
         "generation": config.generation,
+        **({"protocol": config.protocol} if config.protocol is not None else {}),
         "data": config.data,
         "num_samples": len(samples),
         "seed": config.seed,
@@ -215,7 +233,7 @@ def _generate(
     total = sum(1 for batch in batches for _, s in batch if s.sample_id not in done)
     bar = tqdm(total=total, desc=f"{config.benchmark} {config.model}", unit="sample", disable=not progress)
     for batch in batches:
-        prompts = [build_prompt(model, processor, s.question) for _, s in batch]
+        prompts = [render_prompt(model, processor, s.question, config.prompt) for _, s in batch]
         inputs = processor(
             images=[s.load_image() for _, s in batch], text=prompts, return_tensors="pt", padding=True
         )

@@ -11,7 +11,8 @@ methods:                             # each entry is one stack of methods
   - vcd                              # a name, with its defaults
   - {name: vcd, grid: {alpha: [0.5, 1.0, 2.0]}}   # one cell per value (cartesian over keys)
   - [var, {name: vcd, alpha: 1.0}]   # a stack: methods applied together
-generation: {max_new_tokens: 64}     # overrides every cell's generation settings
+protocol: vcd                        # an official script's prompt and decoding (or a list: one cell each)
+generation: {max_new_tokens: 64}     # overrides every cell's generation settings (and the protocol's)
 batch_size: 8
 seed: 0
 ```
@@ -34,6 +35,7 @@ from typing import Any
 import yaml
 
 from veridical.errors import MethodSpecError, VeridicalError
+from veridical.evals.protocols import ProtocolError, check_protocol
 from veridical.evals.runner import stack_label
 
 TOP_KEYS = {
@@ -48,6 +50,7 @@ TOP_KEYS = {
     "dtype",
     "device",
     "rule",
+    "protocol",
 }
 BENCHMARK_KEYS = {
     "pope": {"images", "questions", "pope_set", "hf_dataset", "hf_split", "hf_category", "limit"},
@@ -88,6 +91,8 @@ class Cell:
     benchmark: str
     methods: list[Any]
     name: str
+    #: ``--protocol`` of the cell; None when the sweep names none (the default protocol).
+    protocol: str | None = None
 
 
 def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
@@ -135,16 +140,35 @@ def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
                 stacks.append(stack)
         except (MethodSpecError, SweepError) as err:
             raise SweepError(f"{path}: {_line(entry) or _first_line(entry)}{err}") from None
+    protocols = _protocols(raw, [b for b in benchmarks if b != "__line__"], path)
     cells = [
-        Cell(model, bench, stack, _cell_name(model, bench, stack))
+        Cell(model, bench, stack, _cell_name(model, bench, stack, protocol), protocol)
         for model in models
         for bench in benchmarks
         if bench != "__line__"
+        for protocol in protocols
         for stack in stacks
     ]
     settings = _clean({k: v for k, v in raw.items() if k not in ("models", "methods")})
     settings.setdefault("name", path.stem)
     return settings, cells
+
+
+def _protocols(raw: dict[str, Any], benchmarks: list[str], path: Path) -> list[str | None]:
+    """The sweep's protocols (a name or a list of names), each checked against every benchmark."""
+    value = raw.get("protocol")
+    if value is None:
+        return [None]
+    names = value if isinstance(value, list) else [value]
+    for name in names:
+        if not isinstance(name, str):
+            raise SweepError(f"{path}: 'protocol' must be a protocol name or a list of names, got {name!r}")
+        for bench in benchmarks:
+            try:
+                check_protocol(name, bench)
+            except ProtocolError as err:
+                raise SweepError(f"{path}: {err}") from None
+    return list(names)
 
 
 def _first_line(entry: Any) -> str:
@@ -179,13 +203,16 @@ def _expand_one(item: Any) -> list[Any]:
     return [{**item, **dict(zip(keys, values, strict=True))} for values in itertools.product(*grid.values())]
 
 
-def _cell_name(model: str, bench: str, stack: Sequence[Any]) -> str:
-    return f"{Path(model).name}__{bench}__{stack_label(stack)}".replace("/", "_").replace(" ", "")
+def _cell_name(model: str, bench: str, stack: Sequence[Any], protocol: str | None = None) -> str:
+    name = f"{Path(model).name}__{bench}__{stack_label(stack)}" + (f"__{protocol}" if protocol else "")
+    return name.replace("/", "_").replace(" ", "")
 
 
 def cell_argv(settings: dict[str, Any], cell: Cell, output: Path) -> list[str]:
     """The ``veridical eval`` arguments of one cell."""
     argv = ["eval", cell.benchmark, "--model", cell.model, "--output", str(output), "--no-progress"]
+    if cell.protocol:
+        argv += ["--protocol", cell.protocol]
     for spec in cell.methods:
         argv += ["--method", json.dumps(spec) if isinstance(spec, dict) else spec]
     for key, value in (settings["benchmarks"].get(cell.benchmark) or {}).items():
@@ -229,6 +256,7 @@ def _row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
         "model": cell.model,
         "benchmark": cell.benchmark,
         "methods": stack_label(cell.methods).replace(" ", ""),
+        **({"protocol": cell.protocol} if cell.protocol else {}),
     }
     results_file = cell_dir / "results.json"
     if results_file.exists():
@@ -281,7 +309,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                     continue
                 ax.scatter(r[x], r[y_key])
                 ax.annotate(
-                    f"{r['methods']} ({Path(r['model']).name})",
+                    f"{r['methods']} ({Path(r['model']).name}"
+                    + (f", {r['protocol']})" if r.get("protocol") else ")"),
                     (r[x], r[y_key]),
                     fontsize=7,
                     xytext=(3, 3),
