@@ -9,6 +9,7 @@ and to cut generation to two tokens, and transformers' own processor list is rec
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from transformers.generation.utils import GenerationMixin
@@ -17,7 +18,13 @@ import veridical
 from veridical.cli import main
 from veridical.evals.chair import Chair, ChairScorer, ChairVocabulary, GroundTruth
 from veridical.evals.pope import PopeScorer
-from veridical.evals.protocols import ProtocolError, check_protocol, render_prompt, resolve_run
+from veridical.evals.protocols import (
+    ProtocolError,
+    check_protocol,
+    protocols_table,
+    render_prompt,
+    resolve_run,
+)
 from veridical.evals.runner import EvalConfig, run_eval
 from veridical.evals.samples import chair_samples, pope_samples
 from veridical.evals.sweep import SweepError, cell_argv, load_sweep
@@ -195,6 +202,20 @@ def test_vcd_on_instructblip_takes_its_lavis_path():
         "repetition_penalty": 1.0,
     }
     assert run.prompt == {"suffix": VCD_SUFFIX, "template": "{image}{question}"}
+
+
+def test_opera_on_instructblip_keeps_the_lavis_wrappers_penalty():
+    # OPERA minigpt4/models/blip2_vicuna_instruct.py (61426ef): generate() defaults min_length=1 and
+    # repetition_penalty=1.5 (lines 249, 252) and passes both to transformers (lines 387, 390).
+    run = resolve_run("opera", "chair", "instructblip", ["opera"])
+    assert run.generation == {
+        "max_new_tokens": 512,
+        "do_sample": False,
+        "num_beams": 5,
+        "min_new_tokens": 1,
+        "repetition_penalty": 1.5,
+    }
+    assert "repetition_penalty" not in resolve_run("opera", "chair", "llava", ["opera"]).generation
 
 
 def test_the_default_protocol_keeps_each_methods_paper_decoding():
@@ -472,3 +493,12 @@ def test_sweeps_accept_a_protocol_or_a_list(tmp_path):
     path.write_text("models: [m]\nbenchmarks: {chair: {images: x, gt: y}}\nmethods: [vcd]\nprotocol: vcd\n")
     with pytest.raises(SweepError, match="'vcd' defines no chair setting"):
         load_sweep(path)
+
+
+def test_readme_table_is_the_commands_output():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- protocols:start -->\n(.*?)<!-- protocols:end -->", readme, re.S)
+    assert block, "README.md lost its protocols block"
+    assert block.group(1) == protocols_table(markdown=True) + "\n"

@@ -1,106 +1,11 @@
-"""Evaluation protocols: what each paper's official POPE / CHAIR script sets, under one name.
-
-Most "I cannot reproduce your numbers" reports come from the protocol, not the method: the prompt
-suffix, the conversation template, the answer length, the decoding and the answer parser. A protocol
-fixes all of them as the official evaluation script does, so ``veridical eval pope --protocol vcd``
-asks the question, decodes and parses the answer as ``DAMO-NLP-SG/VCD`` does, whatever methods run.
-
-The registry below is data: per protocol and benchmark, a table of settings, each with the file and
-line of the official code it comes from (``owner/repo@commit path:line``, the snapshot read), plus
-per-family differences (the scripts run LLaVA-1.5 through its own conversation code and InstructBLIP
-through LAVIS). Keys:
-
-- ``question_suffix`` (POPE): text appended to the question file's question.
-- ``instruction`` (CHAIR): the captioning request.
-- ``template``: the whole prompt, ``{image}`` standing for the model's image placeholder and
-  ``{question}`` for the question (with its suffix). Families without one use the processor's chat
-  template, as the default protocol does: the official scripts only cover LLaVA-1.5 and InstructBLIP.
-- ``max_new_tokens``, ``min_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
-  ``num_beams``, ``repetition_penalty``: passed to ``generate()``. ``top_k=0`` means "no top-k": the
-  official LLaVA-path scripts pass ``top_k=None``, which transformers 4.x took as "no top-k warper";
-  transformers 5 adds top-k 50 to sampling unless ``top_k`` is ``None`` or ``0`` (checked in 5.24:
-  ``_get_logits_processor`` adds ``TopKLogitsWarper`` only for ``top_k not in (None, 0)``), and ``0``
-  also survives JSON and YAML round trips as "off".
-- ``rule`` (POPE): the answer parser of :mod:`veridical.evals.pope`.
-- ``<method>.<hyper-parameter>``: the method's value in that script; applied only when the method
-  is in the stack.
-- ``seed``: recorded, not applied. The scripts seed a global generator once and sample question after
-  question; veridical seeds every batch from ``--seed`` (so results do not depend on the process
-  split), so the scripts' random streams cannot be reproduced and the value is kept as a record.
-
-Precedence, lowest first: the default protocol's settings, each method's paper decoding
-(``generation_defaults``; default protocol only) and per-benchmark hyper-parameters
-(``benchmark_hyperparameters``), the protocol's settings, then whatever the user passes explicitly
-(``--max-new-tokens``, ``--gen``, ``--rule``, ``--prompt``, ``--question-suffix``,
-``--prompt-template``, ``--method vcd:beta=...``). ``results.json`` records the protocol's name,
-its resolved settings with their citations, and every protocol value the user overrode.
-
-**The default protocol** (``default``, used without ``--protocol``) is documented here and only here:
-the question file's question as written, through the processor's chat template; greedy decoding with
-at most 128 new tokens on POPE and 512 on CHAIR, unless the first method of the stack has a paper
-decoding (VCD and AvisC sample with temperature 1 and top-p 1, OPERA searches 5 beams); CHAIR asks
-"Please describe this image in detail."; POPE answers are parsed with the official POPE / LLaVA rule.
-"""
+"""The protocols: what each paper's official POPE / CHAIR script sets, value by value with its source."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from veridical.errors import VeridicalError
-from veridical.evals.samples import CHAIR_PROMPT
-
-BENCHMARKS = ("pope", "chair")
-GENERATION_KEYS = (
-    "max_new_tokens",
-    "min_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "num_beams",
-    "repetition_penalty",
-)
-#: Generation settings that only shape sampling.
-SAMPLING_KEYS = ("temperature", "top_p", "top_k")
-PROMPT_KEYS = ("question_suffix", "instruction", "template")
-#: Kept in ``results.json`` as a record of the script; not applied (see the module docstring).
-RECORDED_KEYS = ("seed",)
-#: The default CHAIR request (also OPERA's, ``chair_eval.py`` line 166).
-DEFAULT_INSTRUCTION = CHAIR_PROMPT
-
-
-class ProtocolError(VeridicalError):
-    """An unknown protocol, or a protocol that does not define the requested benchmark."""
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One value of a protocol and where the official code sets it."""
-
-    value: Any
-    source: str
-
-
-@dataclass(frozen=True)
-class BenchmarkProtocol:
-    settings: Mapping[str, Setting]
-    #: ``model.config.model_type`` -> settings that replace or add to ``settings`` for that family.
-    families: Mapping[str, Mapping[str, Setting]] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    title: str
-    benchmarks: Mapping[str, BenchmarkProtocol]
-    #: benchmark -> why the protocol does not define it.
-    missing: Mapping[str, str] = field(default_factory=dict)
-    #: Let each method's paper decoding (``generation_defaults``) fill the decoding (default only).
-    method_generation: bool = False
+from veridical.evals.protocols.spec import DEFAULT_INSTRUCTION, BenchmarkProtocol, Protocol, Setting
 
 
 @dataclass(frozen=True)
@@ -166,7 +71,7 @@ def _greedy(source_sample: str, source_beams: str, beams: int = 1) -> dict[str, 
 
 # -- default ------------------------------------------------------------------------------------------
 
-_VERIDICAL = "veridical default (veridical/evals/protocols.py)"
+_VERIDICAL = "veridical default (veridical/evals/protocols/__init__.py)"
 
 DEFAULT = Protocol(
     name="default",
@@ -322,12 +227,23 @@ def _opera_method(source: str) -> dict[str, Setting]:
     }
 
 
+_OPERA_LAVIS = "minigpt4/models/blip2_vicuna_instruct.py"
+_OPERA_BLIP_PENALTY = (
+    "InstructBLIP: LAVIS hands the language model embeddings only, so its repetition penalty 1.5 sees the "
+    "generated tokens alone; transformers' InstructBLIP also passes the prompt's ids, so here the penalty "
+    "covers the prompt's tokens too."
+)
 _OPERA_BLIP = {
     "instructblip": {
         "template": _set(
             _TEXT_ONLY,
-            OPERA("pope_eval.py", 47) + "; " + OPERA("minigpt4/models/blip2_vicuna_instruct.py", 281),
+            OPERA("pope_eval.py", 47) + "; " + OPERA(_OPERA_LAVIS, 281),
         ),
+        # LAVIS's generate() passes its own defaults on to transformers' beam search.
+        "min_new_tokens": _set(
+            1, OPERA(_OPERA_LAVIS, "249, 387") + " (min_length over inputs_embeds: new tokens)"
+        ),
+        "repetition_penalty": _set(1.5, OPERA(_OPERA_LAVIS, "252, 390")),
         "seed": _set(42, OPERA("eval_configs/instructblip_eval.yaml", 23)),
     }
 }
@@ -349,6 +265,7 @@ OPERA_PROTOCOL = Protocol(
                 ),
             },
             families={"llava": {"template": _set(_OPERA_STYLE, _OPERA_SYSTEM)}, **_OPERA_BLIP},
+            notes=(_OPERA_BLIP_PENALTY,),
         ),
         "chair": BenchmarkProtocol(
             {
@@ -367,6 +284,7 @@ OPERA_PROTOCOL = Protocol(
                 **_OPERA_BLIP,
             },
             notes=(
+                _OPERA_BLIP_PENALTY,
                 "The 500 images are the first of os.listdir(val2014) shuffled with the seed "
                 f"({OPERA('chair_eval.py', '123-124, 151')}); veridical draws 500 with --seed.",
             ),
@@ -543,6 +461,7 @@ PAI_PROTOCOL = Protocol(
                 **_PAI_BLIP,
             },
             notes=(
+                _OPERA_BLIP_PENALTY,
                 "The 500 images are the first of os.listdir(val2014) shuffled with the seed "
                 f"({PAI('eval_data_loader.py', '14-15')}, {PAI('chair_eval.py', '88-89')}); veridical "
                 "draws 500 with --seed.",
@@ -653,335 +572,10 @@ WITHOUT_PROTOCOL = {
     "vhr": "no official evaluation scripts",
 }
 
-
-# -- resolution ---------------------------------------------------------------------------------------
-
-
-def protocol_names() -> list[str]:
-    return sorted(PROTOCOLS)
-
-
-def get_protocol(name: str | None) -> Protocol:
-    """The protocol called ``name`` (``None``: the default); an unknown name is one clear error."""
-    if name is None:
-        return DEFAULT
-    try:
-        return PROTOCOLS[name]
-    except KeyError:
-        raise ProtocolError(
-            f"unknown protocol {name!r}; known protocols: {', '.join(protocol_names())}"
-        ) from None
-
-
-def check_protocol(name: str | None, benchmark: str) -> Protocol:
-    """``get_protocol`` that also requires the protocol to define ``benchmark``."""
-    protocol = get_protocol(name)
-    if benchmark not in protocol.benchmarks:
-        having = [n for n in protocol_names() if benchmark in PROTOCOLS[n].benchmarks]
-        why = protocol.missing.get(benchmark, "not defined")
-        raise ProtocolError(
-            f"protocol {protocol.name!r} defines no {benchmark} setting ({why}); "
-            f"protocols with {benchmark}: {', '.join(having)}"
-        )
-    return protocol
-
-
-def protocol_settings(name: str | None, benchmark: str, family: str | None = None) -> dict[str, Setting]:
-    """The settings of a protocol for a benchmark and a model family (``model.config.model_type``)."""
-    bench = check_protocol(name, benchmark).benchmarks[benchmark]
-    return {**bench.settings, **bench.families.get(family or "", {})}
-
-
-@dataclass
-class ResolvedRun:
-    """What a protocol and the user's explicit choices resolve into for one eval run."""
-
-    generation: dict[str, Any]
-    methods: list[Any]
-    #: ``{"suffix": ..., "template": ...}`` (either may be absent) for :func:`render_prompt`.
-    prompt: dict[str, str]
-    instruction: str | None
-    rule: str | None
-    #: What ``results.json`` records under ``protocol``.
-    record: dict[str, Any]
-
-
-def resolve_run(
-    name: str | None,
-    benchmark: str,
-    family: str | None,
-    methods: Sequence[Any],
-    generation: Mapping[str, Any] | None = None,
-    rule: str | None = None,
-    instruction: str | None = None,
-    question_suffix: str | None = None,
-    template: str | None = None,
-) -> ResolvedRun:
-    """Resolve protocol ``name`` for ``benchmark`` on a model of ``family`` with ``methods``.
-
-    The keyword arguments are the user's explicit choices (``None``: not given); they win over the
-    protocol, and every protocol value they replace is recorded under ``overridden``.
-    """
-    from veridical.evals.runner import method_name
-    from veridical.registry import method_class
-
-    protocol = get_protocol(name)
-    settings = protocol_settings(name, benchmark, family)
-    values = {k: s.value for k, s in settings.items()}
-    overridden: dict[str, dict[str, Any]] = {}
-
-    def choose(key: str, user: Any) -> Any:
-        if user is not None and key in values:
-            overridden[key] = {"protocol": values[key], "user": user}
-        return user if user is not None else values.get(key)
-
-    base = {k: v for k, v in values.items() if k in GENERATION_KEYS}
-    if protocol.method_generation:
-        for spec in reversed(list(methods)):
-            base.update(getattr(method_class(method_name(spec)), "generation_defaults", {}))
-    user_generation = dict(generation or {})
-    for key, value in user_generation.items():
-        if key in base:
-            overridden[key] = {"protocol": base[key], "user": value}
-    resolved_methods = []
-    for spec in methods:
-        name_ = method_name(spec)
-        defaults = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{name_}.")}
-        if not defaults or not isinstance(spec, (str, Mapping)):
-            resolved_methods.append(spec)
-            continue
-        given = {k: v for k, v in spec.items() if k != "name"} if isinstance(spec, Mapping) else {}
-        for key in set(given) & set(defaults):
-            overridden[f"{name_}.{key}"] = {"protocol": defaults[key], "user": given[key]}
-        resolved_methods.append({"name": name_, **defaults, **given})
-    prompt = {}
-    suffix = choose("question_suffix", question_suffix)
-    if suffix:
-        prompt["suffix"] = suffix
-    chosen_template = choose("template", template)
-    if chosen_template:
-        if "{question}" not in chosen_template:
-            raise ProtocolError(f"prompt template {chosen_template!r} has no {{question}} field")
-        prompt["template"] = chosen_template
-    record = {
-        "name": protocol.name,
-        "family": family,
-        "settings": values,
-        "citations": {k: s.source for k, s in settings.items()},
-        "recorded_only": [k for k in values if k in RECORDED_KEYS],
-        "overridden": overridden,
-    }
-    generation = {**base, **user_generation}
-    if not generation.get("do_sample"):
-        # A sampling default's warper settings mean nothing to greedy or beam search (transformers
-        # warns that they are invalid there): keep only those the user asked for.
-        generation = {k: v for k, v in generation.items() if k not in SAMPLING_KEYS or k in user_generation}
-    return ResolvedRun(
-        generation=generation,
-        methods=resolved_methods,
-        prompt=prompt,
-        instruction=choose("instruction", instruction) if benchmark == "chair" else None,
-        rule=choose("rule", rule) if benchmark == "pope" else None,
-        record=record,
-    )
-
-
-_FIELD = re.compile(r"\{(image|question)\}")
-
-
-def render_prompt(model, processor, question: str, prompt: Mapping[str, str] | None = None) -> str:
-    """The text the processor receives: ``question`` plus the protocol's suffix, in the protocol's
-    template for this family if it has one, else through the processor's chat template."""
-    from veridical.adapters import get_adapter
-    from veridical.evals.models import build_prompt
-
-    prompt = prompt or {}
-    text = question + prompt.get("suffix", "")
-    template = prompt.get("template")
-    if not template:
-        return build_prompt(model, processor, text)
-    fields = {"image": get_adapter(model).image_placeholder, "question": text}
-    if fields["image"] and "{image}" not in template:
-        raise ProtocolError(f"prompt template {template!r} has no {{image}} field for the image")
-    return _FIELD.sub(lambda m: fields[m.group(1)], template)
-
-
-# -- listing ------------------------------------------------------------------------------------------
-
-_TEMPLATE_NAMES = {
+#: How the listing names each template.
+TEMPLATE_NAMES = {
     _VICUNA_V1: "LLaVA `vicuna_v1`: `<system user's questions.> USER: <image>\\n{q} ASSISTANT:`",
     _LLAVA_V1: "`llava_v1`: `<system human's questions.> USER: <image>\\n{q} ASSISTANT:`",
     _OPERA_STYLE: "OPERA's: `<system user's questions.>USER: <image> {q} ASSISTANT:`",
     _TEXT_ONLY: "the question alone (LAVIS)",
 }
-_CITED = re.compile(r"([\w.-]+/[\w.-]+)@(\w+) ([^\s:;]+):")
-
-
-def _decoding(values: Mapping[str, Any]) -> str:
-    if values.get("do_sample"):
-        top_k = values.get("top_k")
-        text = f"sampling, T={values.get('temperature', 1.0):g}, top-p={values.get('top_p', 1.0):g}, " + (
-            "no top-k" if top_k in (0, None) else f"top-k={top_k}"
-        )
-    elif values.get("num_beams", 1) > 1:
-        text = f"beam search, {values['num_beams']} beams"
-    else:
-        text = "greedy"
-    extra = [f"{k}={values[k]:g}" for k in ("min_new_tokens", "repetition_penalty") if k in values]
-    return ", ".join([text, *extra])
-
-
-def _prompt(values: Mapping[str, Any], benchmark: str) -> str:
-    if benchmark == "pope":
-        suffix = values.get("question_suffix")
-        ask = f"question + `{suffix!r}`" if suffix else "question as written"
-    else:
-        ask = f"`{values.get('instruction', DEFAULT_INSTRUCTION)}`"
-    return f"{ask}; " + _TEMPLATE_NAMES.get(values.get("template"), "processor's chat template")
-
-
-def _method_values(values: Mapping[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items() if "." in k
-    )
-
-
-def _difference(base: Mapping[str, Any], values: Mapping[str, Any], benchmark: str) -> str:
-    """What a family changes, in words."""
-    parts = []
-    if values.get("template") != base.get("template") or values.get("question_suffix") != base.get(
-        "question_suffix"
-    ):
-        parts.append("prompt " + _prompt(values, benchmark))
-    if values.get("max_new_tokens") != base.get("max_new_tokens"):
-        parts.append(f"{values['max_new_tokens']} tokens")
-    if _decoding(values) != _decoding(base):
-        parts.append(_decoding(values))
-    changed = {k: v for k, v in values.items() if "." in k and base.get(k) != v}
-    if changed:
-        parts.append(_method_values(changed))
-    return "; ".join(parts)
-
-
-def _sources(settings: Mapping[str, Setting]) -> str:
-    files: dict[str, list[str]] = {}
-    for setting in settings.values():
-        for repo, commit, path in _CITED.findall(setting.source):
-            found = files.setdefault(f"{repo}@{commit}", [])
-            if path not in found:
-                found.append(path)
-    return "; ".join(f"{repo} " + ", ".join(paths) for repo, paths in files.items())
-
-
-def _ordered() -> list[str]:
-    return [DEFAULT.name, *(n for n in protocol_names() if n != DEFAULT.name)]
-
-
-def protocol_rows() -> list[dict[str, str]]:
-    """One row per protocol x benchmark: LLaVA-1.5's settings, and what other families change."""
-    rows = []
-    for name in _ordered():
-        protocol = PROTOCOLS[name]
-        for benchmark in BENCHMARKS:
-            row = {"protocol": name, "benchmark": benchmark}
-            if benchmark not in protocol.benchmarks:
-                row["prompt"] = f"not defined: {protocol.missing.get(benchmark, '')}"
-                rows.append(row)
-                continue
-            bench = protocol.benchmarks[benchmark]
-            generic = {k: s.value for k, s in bench.settings.items()}
-            llava = protocol_settings(name, benchmark, "llava")
-            values = {k: s.value for k, s in llava.items()}
-            decoding = _decoding(values)
-            if protocol.method_generation:
-                decoding += (
-                    "; the first method's paper decoding if it has one (VCD, AvisC: sampling; OPERA: 5 beams)"
-                )
-            others = []
-            for family in bench.families:
-                if family != "llava":
-                    family_values = {
-                        k: s.value for k, s in protocol_settings(name, benchmark, family).items()
-                    }
-                    others.append(f"{family}: {_difference(values, family_values, benchmark)}")
-            if bench.families:
-                others.append(f"others: {_difference(values, generic, benchmark)}")
-            row.update(
-                prompt=_prompt(values, benchmark),
-                tokens=str(values.get("max_new_tokens", "")),
-                decoding=decoding,
-                rule=str(values.get("rule", "")),
-                methods=_method_values(values),
-                seed=str(values.get("seed", "")),
-                families="; ".join(others),
-                source=_sources(llava),
-            )
-            rows.append(row)
-    return rows
-
-
-def protocols_table(markdown: bool = False) -> str:
-    """The protocol table (``veridical protocols``); ``markdown`` for the README."""
-    rows = protocol_rows()
-    if markdown:
-        columns = (
-            "protocol",
-            "benchmark",
-            "prompt",
-            "tokens",
-            "decoding",
-            "rule",
-            "methods",
-            "seed",
-            "families",
-            "source",
-        )
-        heads = (
-            "protocol",
-            "benchmark",
-            "prompt (LLaVA-1.5)",
-            "max new tokens",
-            "decoding",
-            "POPE parser",
-            "method values",
-            "seed (recorded)",
-            "other families",
-            "source (per-value lines: `veridical protocols NAME`)",
-        )
-        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-        lines += ["| " + " | ".join(r.get(c, "").replace("|", "\\|") for c in columns) + " |" for r in rows]
-        return "\n".join(lines)
-    lines = []
-    for r in rows:
-        head = f"{r['protocol']:8s} {r['benchmark']:6s}"
-        if "tokens" not in r:
-            lines.append(f"{head}{r['prompt']}")
-            continue
-        rule = f", rule {r['rule']}" if r["rule"] else ""
-        lines.append(f"{head}{r['tokens']} tokens, {r['decoding']}{rule}")
-        lines.append(f"{'':15s}prompt: {r['prompt']}")
-        for key, label in (("methods", "methods"), ("families", "other families")):
-            if r[key]:
-                lines.append(f"{'':15s}{label}: {r[key]}")
-    for method, why in WITHOUT_PROTOCOL.items():
-        lines.append(f"(no protocol for {method}: {why})")
-    return "\n".join(lines)
-
-
-def protocol_details(name: str) -> str:
-    """Every setting of one protocol with its citation (``veridical protocols NAME``)."""
-    protocol = get_protocol(name)
-    lines = [f"{protocol.name}: {protocol.title}"]
-    for benchmark in BENCHMARKS:
-        if benchmark not in protocol.benchmarks:
-            lines.append(f"\n{benchmark}: not defined ({protocol.missing.get(benchmark, '')})")
-            continue
-        bench = protocol.benchmarks[benchmark]
-        for family, settings in (("every family", bench.settings), *bench.families.items()):
-            lines.append(f"\n{benchmark}, {family}:")
-            for key, setting in settings.items():
-                note = " (recorded, not applied)" if key in RECORDED_KEYS else ""
-                lines.append(f"  {key} = {setting.value!r}{note}\n      {setting.source}")
-        for note in bench.notes:
-            lines.append(f"  note: {note}")
-    return "\n".join(lines)
