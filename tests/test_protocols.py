@@ -434,12 +434,10 @@ def test_a_chair_run_asks_the_scripts_request_with_the_methods_values(model_dir,
     assert prompts == [opera_style(HELP_REQUEST)] * 2
 
 
-def test_a_default_run_records_the_default_protocol_and_keeps_its_folder_identity(
-    model_dir, dataset, tmp_path
-):
+def test_a_default_run_records_the_default_protocol(model_dir, dataset, tmp_path):
     out = tmp_path / "run"
     assert main(eval_args(model_dir, dataset, out, "--max-new-tokens", "2")) == 0
-    assert "protocol" not in json.loads((out / "config.json").read_text())  # folders from before resume
+    assert json.loads((out / "config.json").read_text())["protocol"] == "default"
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"]["name"] == "default" and results["metrics"]["rule"] == "llava"
 

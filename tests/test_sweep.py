@@ -83,3 +83,45 @@ def test_shipped_configs_are_valid():
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         _, cells = load_sweep(path)
         assert cells, path
+
+
+def failing_sweep(tmp_path, model_dir, dataset):
+    """Three cells; the middle one names a layer the tiny model does not have (found only when the
+    method meets the model, after the file itself validated)."""
+    return write(
+        tmp_path,
+        f"""
+name: partly-bad
+models: ["{model_dir}"]
+benchmarks:
+  pope: {{questions: "{dataset / "pope.json"}", images: "{dataset}", limit: 2}}
+methods: [[], {{name: pai, layers: [99]}}, pai]
+generation: {{max_new_tokens: 2}}
+""",
+    )
+
+
+def test_a_failing_cell_does_not_stop_the_sweep_and_is_marked(model_dir, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sweep", str(failing_sweep(tmp_path, model_dir, dataset)), "--output", str(out)]) == 1
+    rows = {r["methods"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert rows["vanilla"]["status"] == rows["pai"]["status"] == "ok"
+    assert rows["vanilla"]["f1"] and rows["pai"]["f1"]
+    failed = rows["pai(layers=[99])"]
+    assert failed["status"].startswith("failed:") and "99" in failed["status"] and not failed["f1"]
+    assert "1 of 3 cells failed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        f"{model_dir.name}__pope__pai",
+        f"{model_dir.name}__pope__vanilla",
+    ]  # the failed cell left no folder
+
+
+def test_dry_run_checks_each_cell_against_its_model_and_writes_nothing(model_dir, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(["sweep", str(failing_sweep(tmp_path, model_dir, dataset)), "--output", str(out), "--dry-run"])
+        == 1
+    )
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "99" in printed and printed.count("dry run: every setting checked") == 2
+    assert not out.exists()

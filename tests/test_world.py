@@ -78,10 +78,83 @@ def test_caption_format():
 
 def test_a_short_training_run_lowers_the_loss(tmp_path):
     losses = train_world(
-        tmp_path / "m", TrainConfig(steps=40, batch_size=8, warmup=5, threads=2), log_every=0
+        tmp_path / "m", TrainConfig(steps=40, batch_size=8, warmup=5, threads=1), log_every=0
     )
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+
+
+@pytest.fixture(scope="module")
+def two_short_runs(tmp_path_factory):
+    """Two short one-thread trainings from one seed, in one process: ``[(folder, losses), ...]``."""
+    runs = []
+    for name in ("a", "b"):
+        folder = tmp_path_factory.mktemp("train") / name
+        config = TrainConfig(steps=4, batch_size=6, warmup=2, threads=1)
+        runs.append((folder, train_world(folder, config, log_every=0)))
+    return runs
+
+
+def test_one_thread_runs_on_one_machine_give_the_same_bytes(two_short_runs):
+    # The reproducibility the README promises: same code, libraries, machine and one thread -> same bytes.
+    (a, losses_a), (b, losses_b) = two_short_runs
+    assert losses_a == losses_b
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    record = json.loads((a / "training.json").read_text())
+    assert record["model_sha256"] == hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_training_record_names_versions_kernels_and_cpu(two_short_runs):
+    import platform
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import numpy
+    import torch
+    import transformers
+
+    env = json.loads((two_short_runs[0][0] / "training.json").read_text())["environment"]
+    assert env["versions"]["python"] == platform.python_version()
+    assert env["versions"]["torch"] == torch.__version__
+    assert env["versions"]["transformers"] == transformers.__version__
+    assert env["versions"]["numpy"] == numpy.__version__
+    assert env["versions"]["veridical"] == version("veridical")
+    assert "veridical_commit" in env["versions"]
+    # The threads the run used (config.threads), not the process default, and torch's kernel choice.
+    assert env["torch"]["threads"] == 1
+    assert env["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["torch"]["mkl"] == torch.backends.mkl.is_available()
+    assert env["torch"]["mkldnn"] == torch.backends.mkldnn.is_available()
+    assert env["torch"]["openmp"] == torch.backends.openmp.is_available()
+    parallel_fields = {"blas", "mkl_version", "mkldnn_version", "parallel_backend", "interop_threads"}
+    assert parallel_fields <= set(env["torch"])
+    assert env["os"]["platform"] == platform.platform() and env["os"]["machine"] == platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux: the model name and the SIMD flags as the kernel lists them
+        lines = cpuinfo.read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
+        assert env["cpu"]["model"] == model
+        for flag in ("avx", "avx2", "fma", "avx512f", "avx512bw", "amx_tile"):
+            assert (flag in env["cpu"]["kernel_flags"]) == (flag in flags), flag
+
+
+def test_shipped_weights_match_their_training_record():
+    from veridical.evals.world.evaluate import WORLD_MODELS
+
+    for name, folder in WORLD_MODELS.items():
+        record = json.loads((folder / "training.json").read_text())
+        digest_now = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        assert record["model_sha256"] == digest_now, name
+        assert record["config"]["threads"] == 1 and record["config"]["seed"] == 0
+        # Recorded by save_pretrained in the same run as the weights.
+        config = json.loads((folder / "config.json").read_text())
+        assert record["environment"]["versions"]["transformers"] == config["transformers_version"]
+        assert "not recorded" in record["environment"]["note"]
+        # Retrains that gave these bytes (issue 14) keep the environment they ran in.
+        for again in record["reproduced"]:
+            assert again["model_sha256_equal"] and again["final_loss"] == record["final_loss"]
+            assert again["environment"]["torch"]["threads"] == record["config"]["threads"]
 
 
 def test_world_eval_command_prints_the_comparison_table(tmp_path, capsys):

@@ -19,6 +19,59 @@ from veridical.errors import InputError, UnsupportedModelError
 Inputs = Mapping[str, Any]
 
 
+def check_prompt_batch(inputs: Inputs) -> None:
+    """Checks of a batch that need no model; :class:`InputError` (one line) unless ``inputs`` hold at
+    least one prompt, an ``attention_mask`` of the same shape, and left padding only.
+
+    A right-padded row (padding at its end) would generate after its padding (transformers only
+    warns), so it is refused.
+    """
+    if not isinstance(inputs, Mapping):
+        raise InputError(
+            f"inputs must be the processor's output (a dict of tensors), got {type(inputs).__name__}"
+        )
+    if "input_ids" not in inputs:
+        raise InputError("inputs have no 'input_ids'; pass the processor's output")
+    input_ids = inputs["input_ids"]
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise InputError(f"input_ids must be a (batch, seq) tensor, got {shape}")
+    if input_ids.shape[0] == 0:
+        raise InputError("inputs hold no prompt (input_ids has 0 rows): pass at least one prompt")
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return
+    if mask.shape != input_ids.shape:
+        raise InputError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    real = mask.bool()
+    if input_ids.shape[1] == 0 or not real.any(dim=-1).all():
+        empty = (~real.any(dim=-1)).nonzero().flatten().tolist() if input_ids.shape[1] else "all"
+        raise InputError(f"row(s) {empty} of the batch hold no token (attention_mask is all padding)")
+    # Only padding at the end of a row misleads generation (it would continue after the padding);
+    # InstructBLIP's processor puts the left padding of the text after the image's query tokens.
+    right_padded = (~real[:, -1]).nonzero().flatten().tolist()
+    if right_padded:
+        raise InputError(
+            f"row(s) {right_padded} of the batch are right-padded (attention_mask has padding after real "
+            'tokens); generation needs left padding: set processor.tokenizer.padding_side = "left" before '
+            "calling the processor"
+        )
+
+
+def check_generate_inputs(model: nn.Module, inputs: Inputs) -> None:
+    """What :func:`veridical.generate` checks for every call, ``methods=[]`` included: the batch
+    (:func:`check_prompt_batch`) and, for a supported family, that image tokens and images agree.
+    Prompts without images are allowed here (methods that need one check it themselves)."""
+    check_prompt_batch(inputs)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ADAPTERS:
+        adapter = ADAPTERS[model_type](model)
+        if inputs.get("pixel_values") is not None or adapter.image_mask(inputs["input_ids"]).any():
+            adapter.check_images(inputs)
+
+
 class ModelAdapter:
     """Family-independent view of a Hugging Face vision-language model.
 
@@ -66,12 +119,10 @@ class ModelAdapter:
         return spans
 
     def validate_inputs(self, inputs: Inputs) -> None:
-        """Raise :class:`InputError` unless ``inputs`` hold a batch where every row has an image."""
-        if "input_ids" not in inputs:
-            raise InputError("inputs have no 'input_ids'; pass the processor's output")
+        """Raise :class:`InputError` unless ``inputs`` hold a left-padded batch where every row has an
+        image and the image tokens match the images."""
+        check_prompt_batch(inputs)
         input_ids = inputs["input_ids"]
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if inputs.get("pixel_values") is None:
             raise InputError("inputs have no 'pixel_values': the processor was called without images")
         counts = self.image_mask(input_ids).sum(dim=1)
@@ -81,18 +132,46 @@ class ModelAdapter:
                 f"row(s) {empty} of input_ids contain no image token (id {self.image_token_id}); "
                 "put the family's image placeholder in the prompt or use the processor's chat template"
             )
+        self.check_images(inputs)
+
+    def check_images(self, inputs: Inputs) -> None:
+        """:class:`InputError` unless the image tokens of ``input_ids`` are as many as the images need.
+
+        Placeholders and images that do not pair up fail inside the model with a message about
+        features; here the error names both counts.
+        """
+        input_ids = inputs["input_ids"]
+        tokens = int(self.image_mask(input_ids).sum())
         runs = sum(len(spans) for spans in self.image_spans(input_ids))
-        images = self.image_count(inputs)
-        if images < runs:
-            raise InputError(
-                f"input_ids hold {runs} image placeholder run(s) but the inputs carry {images} image(s): "
-                "build input_ids and images with the same processor call"
-            )
-        mask = inputs.get("attention_mask")
-        if mask is not None and mask.shape != input_ids.shape:
-            raise InputError(
-                f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
-            )
+        images = self.image_count(inputs) if inputs.get("pixel_values") is not None else 0
+        needed = self.image_token_counts(inputs) if images else []
+        if needed is None:  # per-image counts unknown: only more placeholder runs than images is sure
+            if runs <= images:
+                return
+        elif tokens == sum(needed):
+            return
+        else:
+            # Adjacent placeholders form one run; where every image takes the same number of tokens
+            # the token count says how many placeholders there are.
+            if needed and len(set(needed)) == 1 and tokens % needed[0] == 0:
+                runs = tokens // needed[0]
+        need = f" ({sum(needed)} image tokens)" if needed else ""
+        raise InputError(
+            f"input_ids hold {runs} image placeholder run(s) ({tokens} image tokens) but the inputs carry "
+            f"{images} image(s){need}: give one image per placeholder and build input_ids and images "
+            "with the same processor call"
+        )
+
+    def image_token_counts(self, inputs: Inputs) -> list[int] | None:
+        """How many image tokens each image of ``inputs`` takes in ``input_ids`` (``None``: unknown)."""
+        # LLaVA: the vision tower's sequence (patches, plus CLS for CLIP, none for SigLIP), less the
+        # first position under the "default" feature strategy.
+        tower = getattr(getattr(self.model, "model", None), "vision_tower", None)
+        positions = getattr(getattr(tower, "embeddings", None), "num_positions", None)
+        if positions is None:
+            return None
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        return [int(positions) - (strategy == "default")] * self.image_count(inputs)
 
     def image_count(self, inputs: Inputs) -> int:
         """How many images the pixel tensors hold."""
@@ -244,6 +323,32 @@ class LlavaNextAdapter(ModelAdapter):
     family = "llava_next"
     image_input_keys = ("pixel_values", "image_sizes")
 
+    def image_token_counts(self, inputs: Inputs) -> list[int] | None:
+        # Any-resolution images take a number of tokens that depends on their size: run the model's
+        # own packing on one-dimensional zero features (no vision tower) and read its lengths.
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        sizes = inputs.get("image_sizes")
+        if sizes is None or len(sizes) != self.image_count(inputs):
+            return None
+        config, vision = self.config, self.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        try:
+            patches = [
+                image_size_to_num_patches(size, config.image_grid_pinpoints, int(vision.image_size))
+                for size in sizes
+            ]
+            newline = None if getattr(self.model.model, "image_newline", None) is None else torch.zeros(1)
+            _, lengths = self.model.model.pack_image_features(
+                [torch.zeros(n, side * side, 1) for n in patches],
+                sizes,
+                config.vision_feature_select_strategy,
+                image_newline=newline,
+            )
+        except (RuntimeError, ValueError, TypeError, AttributeError):
+            return None
+        return [int(n) for n in lengths]
+
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
@@ -274,6 +379,10 @@ class Qwen2VLAdapter(ModelAdapter):
         if patches != held:
             raise InputError(f"pixel_values hold {held} patches but image_grid_thw describes {patches}")
         return int(grid.shape[0])
+
+    def image_token_counts(self, inputs: Inputs) -> list[int] | None:
+        merge = int(self.config.vision_config.spatial_merge_size)
+        return [int(n) // merge**2 for n in inputs["image_grid_thw"].prod(dim=-1)]
 
     def _images_of(self, inputs: Inputs, row: int, first: int, last: int) -> dict[str, Any]:
         # Pixels are flattened patches of all images together: each image has prod(grid) rows.
@@ -315,6 +424,9 @@ class InstructBlipAdapter(ModelAdapter):
                 "InstructBLIP with an encoder-decoder language model (Flan-T5) is not supported; "
                 "use a Vicuna-based checkpoint"
             )
+
+    def image_token_counts(self, inputs: Inputs) -> list[int] | None:
+        return [int(self.config.num_query_tokens)] * self.image_count(inputs)
 
     @property
     def text_model(self) -> nn.Module:

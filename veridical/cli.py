@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from veridical.errors import VeridicalError
 from veridical.evals.commands import add_eval_commands
@@ -14,7 +16,10 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     import veridical
-    from veridical.tiny import tiny_inputs, tiny_model
+    from veridical.tiny import FAMILIES, tiny_inputs, tiny_model
+
+    if args.family not in FAMILIES:
+        raise VeridicalError(f"--family {args.family!r}: choose one of {', '.join(FAMILIES)}")
 
     torch.manual_seed(args.seed)
     model, processor = tiny_model(args.family)
@@ -42,26 +47,38 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    import veridical
-    from veridical.registry import hyperparameters, method_class
+    from veridical.catalog import format_methods
 
-    for name in veridical.list_methods():
-        params = ", ".join(f"{k}={v!r}" for k, v in hyperparameters(method_class(name)).items())
-        print(f"{name}: {params}")
+    print(format_methods())
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from veridical.tiny import FAMILIES
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line, like every other error (``veridical: error: ...``)."""
 
-    parser = argparse.ArgumentParser(prog="veridical", description=__doc__)
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("veridical").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"veridical: error: {where}{message} (see: {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from veridical import __version__
+    from veridical.evals.commands import nonnegative_int, positive_int
+
+    parser = _Parser(prog="veridical", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"veridical {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate with a few method stacks on a tiny built-in model")
-    demo.add_argument("--family", choices=FAMILIES, default="llava")
-    demo.add_argument("--max-new-tokens", type=int, default=12)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--family", default="llava", help="llava | llava_next | qwen2_vl | qwen2_5_vl | instructblip"
+    )
+    demo.add_argument("--max-new-tokens", type=positive_int, default=12)
+    demo.add_argument("--seed", type=nonnegative_int, default=0)
     demo.set_defaults(run=_demo)
-    methods = sub.add_parser("methods", help="list the registered methods and their defaults")
+    methods = sub.add_parser(
+        "methods", help="list the registered methods, their hyper-parameters, defaults and ranges"
+    )
     methods.set_defaults(run=_methods)
 
     add_eval_commands(sub)
@@ -69,15 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user's mistake ends in one ``veridical: error:`` line and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except VeridicalError as err:
         print(f"veridical: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head` and closed early
-        sys.stderr.close()
-        return 0
+    except OSError as err:  # a path that cannot be read or written, a full disk, ...
+        if isinstance(err, BrokenPipeError):  # output piped into `head` and closed early
+            sys.stderr.close()
+            return 0
+        print(f"veridical: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        if not str(err):  # stopped outside a run: nothing to resume
+            print("veridical: interrupted", file=sys.stderr)
+            return 130
+        command = "veridical " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(f"veridical: interrupted: {err}; resume with: {command}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from veridical.adapters import Inputs
+from veridical.adapters import Inputs, check_generate_inputs
 from veridical.decoders.contrastive import ContrastiveDecoder
 from veridical.errors import MethodSpecError
 from veridical.fusion import BranchFusion
-from veridical.registry import MethodSpec, build_method
+from veridical.registry import MethodSpec, build_method, validate_spec
 
 
 def generate(
@@ -25,31 +25,70 @@ def generate(
     head methods (context managers) are active for exactly the span of the call and removed
     afterwards, also when generation raises. Contrast branches run batched with the main rows
     (:mod:`veridical.fusion`). ``methods=[]`` is exactly ``model.generate``.
+
+    Every call, ``methods=[]`` included, refuses (:class:`~veridical.errors.InputError`) an empty
+    batch, right-padded rows and image tokens that do not match the images; every method spec is
+    checked (:func:`~veridical.registry.validate_spec`) before any method is built.
     """
+    methods = _method_list(methods)
+    check_generate_inputs(model, inputs)
     if not methods:
         return model.generate(**inputs, **generate_kwargs)
+    for spec in methods:
+        if isinstance(spec, (str, Mapping)):
+            validate_spec(spec)
     built = [build_method(spec, model, inputs) for spec in methods]
-    # A method that is its own generation loop (OPERA) replaces model.generate; at most one can.
-    loops = [m for m in built if hasattr(m, "custom_generate")]
-    if len(loops) > 1:
-        names = ", ".join(type(m).__name__ for m in loops)
-        raise MethodSpecError(f"{names} each run their own generation loop; use at most one of them")
-    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    caller = generate_kwargs.pop("logits_processor", None)
+    loops, processors = check_stack(built, generate_kwargs, caller)
     with ExitStack() as stack:
         for method in built:
-            if isinstance(method, LogitsProcessor):
-                processors.append(method)
-                continue
-            if method in loops:
-                continue
-            stack.enter_context(method)
-            # A head method that also reweights the next token (PAI's text-only contrast) exposes it.
-            extra = getattr(method, "logits_processor", None)
-            if extra is not None:
-                processors.append(extra)
+            if not isinstance(method, LogitsProcessor) and method not in loops:
+                stack.enter_context(method)
         if loops:
             return loops[0].custom_generate(logits_processor=processors, **generate_kwargs)
         branched = [p for p in processors if isinstance(p, ContrastiveDecoder)]
         if branched:
             stack.enter_context(BranchFusion(model, branched))
         return model.generate(**inputs, logits_processor=processors, **generate_kwargs)
+
+
+def check_stack(
+    built: Sequence[object], generate_kwargs: Mapping[str, Any], logits_processor: Any = None
+) -> tuple[list[object], LogitsProcessorList]:
+    """Check that built methods can run together with ``generate_kwargs``, without generating.
+
+    Returns the method that is its own generation loop (OPERA; at most one), and the logits
+    processors in order: the caller's, then each decoder and each head method's next-token
+    reweighting (PAI's text-only contrast) in the order of ``built``. ``veridical eval`` calls it
+    before a run starts, so a stack that cannot run fails before anything is written.
+    """
+    loops = [m for m in built if hasattr(m, "custom_generate")]
+    if len(loops) > 1:
+        names = ", ".join(type(m).__name__ for m in loops)
+        raise MethodSpecError(f"{names} each run their own generation loop; use at most one of them")
+    processors = LogitsProcessorList(logits_processor or [])
+    for method in built:
+        if isinstance(method, LogitsProcessor):
+            processors.append(method)
+        elif getattr(method, "logits_processor", None) is not None:
+            processors.append(method.logits_processor)
+    if loops:
+        loops[0].check_generation(processors, **generate_kwargs)
+    return loops, processors
+
+
+def _method_list(methods: Any) -> list[MethodSpec]:
+    """``methods`` as a list; a lone name, dict or method is refused with the list to write instead."""
+    if methods is None:
+        return []
+    if isinstance(methods, (str, Mapping)):
+        shown = repr(methods if isinstance(methods, str) else dict(methods))
+        raise MethodSpecError(
+            f"methods must be a list of methods, got the {type(methods).__name__} {shown}: "
+            f"pass methods=[{shown}]"
+        )
+    if not isinstance(methods, Iterable):
+        raise MethodSpecError(
+            f"methods must be a list of methods, got one {type(methods).__name__}: pass methods=[method]"
+        )
+    return list(methods)

@@ -9,9 +9,9 @@ from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, intercept_attention
-from veridical.decoders.contrastive import ContrastiveDecoder, check_contrast_settings, contrast_with_cutoff
-from veridical.errors import MethodSpecError
-from veridical.registry import register_method
+from veridical.decoders.contrastive import ContrastiveDecoder, contrast_with_cutoff
+from veridical.params import Real, Rule
+from veridical.registry import check_hyperparameters, register_method
 
 
 def top_share_layers(share: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -97,8 +97,17 @@ class AvisC(ContrastiveDecoder):
         alpha: contrast strength; 0 keeps the plausibility cutoff only.
         beta: plausibility cutoff.
         gamma: share of image attention covered by the selected layers.
-        lam: blind-token threshold in standard deviations above the mean.
+        lam: blind-token threshold in standard deviations above the mean (any finite number: the
+            official scripts use 0.95..1.0; the code checks none).
     """
+
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "alpha": Real(0),
+        "beta": Real(0, 1),
+        "gamma": Real(0, 1, low_open=True),
+        "lam": Real(),
+    }
 
     #: The official scripts' sampling: temperature 1, top-p 1 and no top-k (see above).
     generation_defaults: ClassVar[dict] = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -112,10 +121,8 @@ class AvisC(ContrastiveDecoder):
         gamma: float = 0.5,
         lam: float = 1.0,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        check_contrast_settings("AvisC", alpha, beta)
-        if not 0 < gamma <= 1:
-            raise MethodSpecError(f"AvisC gamma must be in (0, 1], got {gamma}")
         self.alpha, self.beta, self.gamma, self.lam = alpha, beta, gamma, lam
         self.blind: torch.Tensor | None = None
 

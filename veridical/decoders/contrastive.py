@@ -8,7 +8,6 @@ from transformers import LogitsProcessor
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.branch import Branch
-from veridical.errors import MethodSpecError
 from veridical.fusion import BranchFusion
 
 
@@ -71,14 +70,6 @@ def plausibility_mask(log_probs: torch.Tensor, beta: float) -> torch.Tensor:
     """True for tokens outside the adaptive plausibility set ``p >= beta * max p`` (VCD, Li et al.)."""
     cutoff = torch.log(torch.tensor(beta, dtype=log_probs.dtype)) + log_probs.amax(dim=-1, keepdim=True)
     return log_probs < cutoff
-
-
-def check_contrast_settings(method: str, alpha: float, beta: float) -> None:
-    """The ranges of a contrast strength ``alpha`` and a plausibility cutoff ``beta``."""
-    if alpha < 0:
-        raise MethodSpecError(f"{method} alpha must be >= 0, got {alpha}")
-    if not 0 <= beta <= 1:
-        raise MethodSpecError(f"{method} beta must be in [0, 1], got {beta}")
 
 
 def contrast_with_cutoff(

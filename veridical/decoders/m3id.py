@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -10,8 +11,8 @@ from torch import nn
 from veridical.adapters import Inputs
 from veridical.contrast import contrast_inputs
 from veridical.decoders.contrastive import ContrastiveDecoder, plausibility_mask
-from veridical.errors import MethodSpecError
-from veridical.registry import register_method
+from veridical.params import Choice, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
 
 VARIANTS = ("paper", "avisc")
 
@@ -53,6 +54,14 @@ class M3ID(ContrastiveDecoder):
         beta: plausibility cutoff of the ``"avisc"`` variant.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "alpha": Real(0, 1),
+        "lam": Real(0),
+        "variant": Choice(*VARIANTS),
+        "beta": Real(0, 1),
+    }
+
     def __init__(
         self,
         model: nn.Module,
@@ -62,15 +71,8 @@ class M3ID(ContrastiveDecoder):
         variant: str = "paper",
         beta: float = 0.1,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        if not 0 <= alpha <= 1:
-            raise MethodSpecError(f"M3ID alpha must be in [0, 1], got {alpha}")
-        if lam < 0:
-            raise MethodSpecError(f"M3ID lam must be >= 0, got {lam}")
-        if variant not in VARIANTS:
-            raise MethodSpecError(f"M3ID variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not 0 <= beta <= 1:
-            raise MethodSpecError(f"M3ID beta must be in [0, 1], got {beta}")
         self.alpha, self.lam, self.variant, self.beta = alpha, lam, variant, beta
 
     def contrast_inputs(self) -> Inputs:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.stopping_criteria import (
     EosTokenCriteria,
     MaxLengthCriteria,
@@ -32,7 +32,8 @@ from veridical.attention import (
 from veridical.errors import MethodSpecError
 from veridical.fusion import stack_padded
 from veridical.outputs import cache_kwarg, output_cache
-from veridical.registry import register_method
+from veridical.params import Choice, Integer, Optional, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
 
 PRESETS = {"default": {}, "fast": {"threshold": 25, "num_candidates": 1}}
 IMAGE_COLUMNS = ("code", "image")
@@ -240,6 +241,19 @@ class OPERA:
             one, see above); ``"image"``: the image tokens.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "scale": Real(0, low_open=True),
+        "threshold": Integer(0),
+        "num_candidates": Integer(1),
+        "penalty_weight": Real(0),
+        "image_reward_tokens": Integer(0),
+        "rollback_start": Integer(0),
+        "max_rollbacks": Optional(Integer(0)),
+        "preset": Choice(*PRESETS),
+        "image_columns": Choice(*IMAGE_COLUMNS),
+    }
+
     generation_defaults: ClassVar[dict] = {"do_sample": False, "num_beams": 5}
 
     def __init__(
@@ -256,21 +270,9 @@ class OPERA:
         preset: str = "default",
         image_columns: str = "code",
     ):
-        if image_columns not in IMAGE_COLUMNS:
-            raise MethodSpecError(
-                f"OPERA image_columns must be one of {', '.join(IMAGE_COLUMNS)}, got {image_columns!r}"
-            )
-        if preset not in PRESETS:
-            raise MethodSpecError(f"OPERA preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        check_hyperparameters(self, locals())
         threshold = PRESETS[preset].get("threshold", threshold)
         num_candidates = PRESETS[preset].get("num_candidates", num_candidates)
-        if num_candidates < 1:
-            raise MethodSpecError(f"OPERA num_candidates must be >= 1, got {num_candidates}")
-        if scale <= 0 or penalty_weight < 0 or threshold < 0:
-            raise MethodSpecError(
-                "OPERA needs scale > 0, penalty_weight >= 0 and threshold >= 0; "
-                f"got {scale}, {penalty_weight}, {threshold}"
-            )
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
         self.adapter.validate_inputs(inputs)
@@ -287,10 +289,11 @@ class OPERA:
         self.step_scores: list[list[torch.Tensor]] = []
 
     # -- entry point used by veridical.generate ---------------------------------------------------
-    @torch.no_grad()
-    def custom_generate(
+    def check_generation(
         self, logits_processor: LogitsProcessorList | None = None, **kwargs: Any
-    ) -> torch.Tensor:
+    ) -> GenerationConfig:
+        """The generation config of a call with ``kwargs``; raises for what OPERA cannot do with it
+        (sampling, several sequences, a contrast branch or VISTA's logits in the stack)."""
         config = copy.deepcopy(self.model.generation_config)
         config.update(**kwargs)
         if config.do_sample:
@@ -311,6 +314,14 @@ class OPERA:
                 "OPERA cannot be stacked with VISTA's logits augmentation (its look-ahead forwards are not "
                 "the step's forward); use VISTA with logits_alpha=0 (steering only)"
             )
+        return config
+
+    @torch.no_grad()
+    def custom_generate(
+        self, logits_processor: LogitsProcessorList | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        config = self.check_generation(logits_processor, **kwargs)
+        processors = LogitsProcessorList(logits_processor or [])
         hook = _LastQueryAttention(self.adapter.num_layers - 1)
         # Each prompt decodes (and rolls back) on its own, as a generator of requests; the driver below
         # answers the requests of all prompts together.

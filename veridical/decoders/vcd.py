@@ -8,10 +8,13 @@ import torch
 from torch import nn
 
 from veridical.adapters import Inputs
-from veridical.contrast import CONTRAST_KINDS, contrast_inputs, diffusion_alpha_bar
-from veridical.decoders.contrastive import ContrastiveDecoder, check_contrast_settings, contrast_with_cutoff
-from veridical.errors import MethodSpecError
-from veridical.registry import register_method
+from veridical.contrast import CONTRAST_KINDS, DIFFUSION_STEPS, contrast_inputs
+from veridical.decoders.contrastive import ContrastiveDecoder, contrast_with_cutoff
+from veridical.params import Choice, Integer, Optional, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
+
+#: A seed torch's generators accept.
+SEED = Integer(-(2**63), 2**64 - 1, text="an integer in [-2**63, 2**64 - 1]")
 
 
 @register_method("vcd")
@@ -62,16 +65,31 @@ class VCD(ContrastiveDecoder):
     Args:
         model: a supported vision-language model.
         inputs: the processor's output passed to ``generate``.
-        alpha: contrast strength; 0 keeps the plausibility cutoff only.
-        beta: plausibility cutoff in (0, 1]; 0 disables it.
+        alpha: contrast strength, >= 0; 0 keeps the plausibility cutoff only.
+        beta: plausibility cutoff in [0, 1]; 0 disables it.
         noise_step: diffusion step of the noise, 0..999 (``contrast="noise"`` only).
         contrast: ``"noise"``, ``"blank"`` or ``"no_image"``.
         seed: seed of the noise; ``None`` draws from torch's global generator as the official code.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "alpha": Real(0),
+        "beta": Real(0, 1),
+        "noise_step": Integer(0, DIFFUSION_STEPS - 1),
+        "contrast": Choice(*CONTRAST_KINDS),
+        "seed": Optional(SEED),
+    }
+
     #: The official LLaVA scripts' sampling: temperature 1, top-p 1 and no top-k (``top_k=None``
     #: under transformers 4.31; transformers 5 needs 0). ``veridical eval`` uses this by default.
     generation_defaults: ClassVar[dict] = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+    @staticmethod
+    def draws_random_numbers(params: dict) -> bool:
+        """Whether a run's outputs depend on its batching (``veridical eval`` then keeps the batch size
+        in the run's identity): the noise contrast draws one noise tensor per batch."""
+        return params.get("contrast", "noise") == "noise"
 
     def __init__(
         self,
@@ -83,13 +101,8 @@ class VCD(ContrastiveDecoder):
         contrast: str = "noise",
         seed: int | None = None,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        check_contrast_settings("VCD", alpha, beta)
-        if contrast not in CONTRAST_KINDS:
-            raise MethodSpecError(
-                f"VCD contrast must be one of {', '.join(CONTRAST_KINDS)}, got {contrast!r}"
-            )
-        diffusion_alpha_bar(noise_step)  # validates the range
         self.alpha, self.beta, self.noise_step, self.contrast, self.seed = (
             alpha,
             beta,

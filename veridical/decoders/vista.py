@@ -15,7 +15,8 @@ from veridical.attention import AttentionHook, ForwardContext, auxiliary_forward
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, scale_index
 from veridical.heads.paired import with_and_without_image
-from veridical.registry import register_method
+from veridical.params import Flag, Layers, Optional, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
 
 #: The official self-logits window (``--logits-layers 25,30``) and the depth it was written for.
 OFFICIAL_WINDOW = (25, 30)
@@ -234,6 +235,15 @@ class VISTA(HeadMethod):
         official_pca: add the official single-pair PCA's +1 at layer 0, dimension 0.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "lam": Real(0),
+        "logits_alpha": Real(0, 1),
+        "logits_layers": Optional(Layers(negative=True, forms=(2,))),
+        "layers": Optional(Layers(forms=(2, 4))),
+        "official_pca": Flag(),
+    }
+
     needs_weights = False
     #: Official per-task settings that ``veridical eval`` applies unless the user sets them.
     benchmark_hyperparameters: ClassVar[dict[str, dict[str, Any]]] = {"pope": {"lam": 0.01}}
@@ -248,15 +258,12 @@ class VISTA(HeadMethod):
         layers: Sequence[int] | str | None = None,
         official_pca: bool = True,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        if lam < 0:
-            raise MethodSpecError(f"VISTA lam must be >= 0, got {lam}")
-        if not 0 <= logits_alpha <= 1:
-            raise MethodSpecError(f"VISTA logits_alpha must be in [0, 1], got {logits_alpha}")
         depth = self.adapter.num_layers
         self.pairs = steering_pairs(layers, depth)
         window = logits_window(logits_layers, depth)
-        self.lam, self.logits_alpha, self.official_pca = lam, logits_alpha, bool(official_pca)
+        self.lam, self.logits_alpha, self.official_pca = lam, logits_alpha, official_pca
         self.augmentation = _SelfLogits(self.adapter, window, logits_alpha) if logits_alpha else None
         self.logits_processor = self.augmentation
         self.vectors: torch.Tensor | None = None

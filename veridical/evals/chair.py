@@ -13,12 +13,28 @@ Metrics, in percent except ``Len``:
 - ``CHAIRi``: hallucinated object mentions over all object mentions (corpus level),
 - ``Recall``: distinct ground-truth objects mentioned, summed over images, over ground-truth objects,
 - ``Len``: mean number of tokens per caption (after double words are merged), as the reference prints.
+
+Rules that keep a number from being silently wrong (the reference, shikiw/OPERA@2a0a234 ``chair.py``,
+crashes or double counts in these cases):
+
+- The vocabulary must cover the ground truth: a ground-truth object that is no class of the synonym
+  list could never be named, so every caption would miss it and every mention of it would count as a
+  hallucination. :class:`Chair` refuses it (the reference raises ``KeyError`` for such a COCO category,
+  ``chair.py`` ``get_annotations_from_segments``: ``self.inverse_synonym_dict[id_to_name[...]]``).
+  :func:`load_chair` picks the vocabulary: ``synonyms`` if given, else a ``synonyms.txt`` in the
+  annotation folder or beside the ground-truth file (the synthetic world's data carry one), else the
+  COCO list shipped with veridical.
+- One caption per image: the reference's ``compute_chair`` counts every caption it is given, so an
+  image id listed twice would count twice; it is refused, naming the id and where it repeats.
+- Captions that are all empty (``""`` or whitespace) are refused: that is a generation that produced
+  nothing, not a perfect score (the reference divides by zero mentions there). A few empty captions
+  among real ones are scored as the reference scores them: no mention, nothing recalled, length 0.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
+import numbers
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -26,7 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-from veridical.evals.io import DataFileError, quiet_coco, read_records
+from veridical.errors import VeridicalError
+from veridical.evals.io import (
+    DataFileError,
+    check_not_all_empty,
+    load_json,
+    quiet_coco,
+    read_located_records,
+    read_text,
+    short,
+)
 from veridical.evals.text import caption_lemmas
 
 _DOUBLE_WORDS = (
@@ -74,6 +99,10 @@ _ANIMALS = (
 )
 _VEHICLES = ("jet", "train")
 METRICS = ("CHAIRs", "CHAIRi", "Recall", "Len")
+#: A synonym list with this name in the annotation folder, or beside a ground-truth file, is the
+#: vocabulary of that data (see :func:`load_chair`).
+SYNONYMS_FILE = "synonyms.txt"
+COCO_VOCABULARY = "the COCO synonyms shipped with veridical"
 
 
 def default_synonyms_path() -> Path:
@@ -83,7 +112,9 @@ def default_synonyms_path() -> Path:
 class ChairVocabulary:
     """COCO object words: each synonym mapped to its class name, plus the double-word rules."""
 
-    def __init__(self, synonym_lines: Iterable[str]):
+    def __init__(self, synonym_lines: Iterable[str], source: str = "the given synonym list"):
+        #: Where the list came from (a path, or a description), for messages and records.
+        self.source = source
         self.synonym_to_object: dict[str, str] = {}
         for line in synonym_lines:
             # Split on ", " exactly as the reference does: "scooter,  motor bike" keeps " motor bike".
@@ -102,8 +133,16 @@ class ChairVocabulary:
 
     @classmethod
     def from_file(cls, path: str | Path | None = None) -> ChairVocabulary:
-        path = Path(path) if path else default_synonyms_path()
-        return cls(path.read_text(encoding="utf-8").splitlines())
+        """The list in ``path`` (UTF-8, one class per line: ``name, synonym, ...``); default: COCO's."""
+        default = default_synonyms_path()
+        path = Path(path) if path else default
+        source = COCO_VOCABULARY if path.resolve() == default.resolve() else str(path)
+        vocabulary = cls(read_text(path).splitlines(), source)
+        if not vocabulary.synonym_to_object:
+            raise DataFileError(
+                f"{path}: no object names (expected one class per line: 'name, synonym, ...')"
+            )
+        return vocabulary
 
     def objects(self) -> set[str]:
         return set(self.synonym_to_object.values())
@@ -187,25 +226,34 @@ class GroundTruth(Mapping[int, frozenset]):
     def __len__(self) -> int:
         return len(self._objects)
 
+    def annotated_objects(self) -> set[str]:
+        """Every object of the annotations (not those of reference captions, which the vocabulary reads)."""
+        return set().union(*self._objects.values())
+
     @classmethod
     def from_json(cls, path: str | Path) -> GroundTruth:
         """Prepared ground truth: ``{"image_id": [objects]}`` or ``{"gt_objects": {...}}`` (OPERA's format),
         plain or gzipped."""
         path = Path(path)
-        opener = gzip.open if path.suffix == ".gz" else open
-        try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataFileError(f"cannot read ground truth {path}: {err}") from err
+        expected = "an object mapping image ids to lists of object names"
+        data = load_json(path, expected)
         if isinstance(data, dict) and "gt_objects" in data:
             data = data["gt_objects"]
-        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-            raise DataFileError(f"{path}: expected an object mapping image ids to lists of object names")
-        try:
-            return cls({int(k): v for k, v in data.items()})
-        except ValueError as err:
-            raise DataFileError(f"{path}: image ids must be integers ({err})") from err
+        if not isinstance(data, dict):
+            raise DataFileError(f"{path}: expected {expected}, got a JSON {type(data).__name__}")
+        if not data:
+            raise DataFileError(f"{path}: no images (expected {expected})")
+        objects = {}
+        for key, names in data.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DataFileError(
+                    f"{path}: image {key!r}: expected a list of object names, got {short(names)}"
+                )
+            try:
+                objects[int(key)] = names
+            except ValueError:
+                raise DataFileError(f"{path}: image id {key!r} is not an integer") from None
+        return cls(objects)
 
     @classmethod
     def from_coco(
@@ -228,24 +276,39 @@ class GroundTruth(Mapping[int, frozenset]):
             captions_file = root / f"captions_{split}.json"
             if not captions_file.exists():
                 raise DataFileError(f"{captions_file} is missing (CHAIR needs instances and captions)")
-            instances = quiet_coco(str(root / f"instances_{split}.json"))
-            names = {c["id"]: c["name"] for c in instances.loadCats(instances.getCatIds())}
-            for ann in instances.dataset["annotations"]:
-                name = names[ann["category_id"]]
-                objects.setdefault(ann["image_id"], set()).add(vocabulary.synonym_to_object.get(name, name))
-            for img in instances.dataset["images"]:
-                objects.setdefault(img["id"], set())
-            for ann in quiet_coco(str(captions_file)).dataset["annotations"]:
+            instances_file = root / f"instances_{split}.json"
+            instances = quiet_coco(instances_file, ("images", "annotations", "categories"))
+            try:
+                names = {c["id"]: c["name"] for c in instances.dataset["categories"]}
+                for ann in instances.dataset["annotations"]:
+                    name = names[ann["category_id"]]
+                    # Category names are read through the synonyms, as the reference does; one the
+                    # vocabulary does not know is kept as written and refused by Chair.
+                    objects.setdefault(ann["image_id"], set()).add(
+                        vocabulary.synonym_to_object.get(name, name)
+                    )
+                for img in instances.dataset["images"]:
+                    objects.setdefault(img["id"], set())
+            except KeyError as err:
+                raise DataFileError(f"{instances_file}: an annotation or category lacks {err}") from None
+            for ann in quiet_coco(captions_file).dataset["annotations"]:
+                if not isinstance(ann.get("caption"), str):
+                    raise DataFileError(f"{captions_file}: annotation {short(ann)} has no caption string")
                 captions.setdefault(ann["image_id"], []).append(ann["caption"])
         return cls(objects, captions, vocabulary)
 
 
 class Chair:
-    """CHAIR scorer. ``Chair(ground_truth).score(captions)``."""
+    """CHAIR scorer. ``Chair(ground_truth).score(captions)``.
+
+    The ground truth's objects must all be classes of ``vocabulary`` (default: COCO's): otherwise
+    :class:`DataFileError` names the missing objects (see the module docstring).
+    """
 
     def __init__(self, ground_truth: GroundTruth, vocabulary: ChairVocabulary | None = None):
         self.ground_truth = ground_truth
         self.vocabulary = vocabulary or ChairVocabulary.from_file()
+        check_vocabulary(ground_truth, self.vocabulary)
 
     def score_caption(self, image_id: int, caption: str) -> CaptionResult:
         try:
@@ -267,10 +330,22 @@ class Chair:
         return result
 
     def score(self, captions: Iterable[tuple[int, str]], bootstrap: int = 1000, seed: int = 0) -> ChairResult:
-        """Score ``(image_id, caption)`` pairs; ``bootstrap`` resamples give 95% percentile intervals."""
-        results = [self.score_caption(image_id, caption) for image_id, caption in captions]
-        if not results:
+        """Score ``(image_id, caption)`` pairs; ``bootstrap`` resamples give 95% percentile intervals.
+
+        One caption per image id (a repeated id is refused, naming the positions). Captions that are
+        all empty raise :class:`EmptyOutputsError`; a few empty ones among real captions are scored as
+        the reference scores them (no mention, nothing recalled, length 0).
+        """
+        check_bootstrap(bootstrap)
+        pairs = list(captions)
+        if not pairs:
             raise DataFileError("no captions to score")
+        where: dict[int, list[str]] = {}
+        for i, (image_id, _) in enumerate(pairs, 1):
+            where.setdefault(int(image_id), []).append(f"caption {i}")
+        check_one_caption_per_image(where, "")
+        check_not_all_empty([caption for _, caption in pairs], "captions")
+        results = [self.score_caption(image_id, caption) for image_id, caption in pairs]
         counts = np.array(
             [
                 [
@@ -309,29 +384,113 @@ def _chair_metrics(sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
         }
 
 
+def check_vocabulary(ground_truth: Mapping[int, Iterable[str]], vocabulary: ChairVocabulary) -> None:
+    """Refuse a ground truth with objects that are no class of ``vocabulary``."""
+    if isinstance(ground_truth, GroundTruth):
+        annotated = ground_truth.annotated_objects()
+    else:
+        annotated = set().union(*map(set, ground_truth.values()))
+    missing = sorted(annotated - vocabulary.objects())
+    if not missing:
+        return
+    listed = repr(missing[:8])[:-1] + (", ...]" if len(missing) > 8 else "]")
+    synonyms = [
+        f"{m!r} is a synonym of {vocabulary.synonym_to_object[m]!r}"
+        for m in missing
+        if m in vocabulary.synonym_to_object
+    ]
+    hint = f" ({'; '.join(synonyms[:3])}: the ground truth must list class names)" if synonyms else ""
+    source = "COCO synonyms" if vocabulary.source == COCO_VOCABULARY else vocabulary.source
+    raise DataFileError(
+        f"ground truth objects {listed} are not in the CHAIR vocabulary ({source}){hint}; "
+        "pass --synonyms <its list>"
+    )
+
+
+def check_bootstrap(bootstrap: int) -> None:
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
+        raise VeridicalError(f"bootstrap must be a whole number >= 0 (0: no intervals), got {bootstrap!r}")
+
+
+def check_one_caption_per_image(where: Mapping[int, Sequence[str]], prefix: str) -> None:
+    """Refuse image ids listed more than once (``where``: id -> locations, ``prefix``: the file)."""
+    repeated = {image_id: places for image_id, places in where.items() if len(places) > 1}
+    if not repeated:
+        return
+    image_id, places = next(iter(repeated.items()))
+    shown = ", ".join(places[:4]) + (", ..." if len(places) > 4 else "")
+    others = f"; {len(repeated) - 1} other image id(s) repeat too" if len(repeated) > 1 else ""
+    raise DataFileError(
+        f"{prefix}image id {image_id} has {len(places)} captions ({shown}){others}: CHAIR scores one "
+        "caption per image, as the reference's evaluation generates one; keep one caption per image id"
+    )
+
+
+def _image_id(value, where: str) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise DataFileError(f"{where}: image id {value!r} is not an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataFileError(f"{where}: image id {value!r} is not an integer") from None
+
+
 def read_captions(
     path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption"
 ) -> list[tuple[int, str]]:
-    """``(image_id, caption)`` pairs from a JSON-lines or JSON-array file."""
+    """``(image_id, caption)`` pairs from a JSON-lines or JSON-array file (UTF-8), one per image id."""
     pairs = []
-    for i, record in enumerate(read_records(path)):
+    lines: dict[int, list[str]] = {}
+    for where, record in read_located_records(path):
         if image_id_key not in record or caption_key not in record:
-            raise DataFileError(f"{path}: record {i + 1} lacks {image_id_key!r} or {caption_key!r}: {record}")
+            raise DataFileError(f"{path}: {where} lacks {image_id_key!r} or {caption_key!r}: {short(record)}")
         if not isinstance(record[caption_key], str):
-            raise DataFileError(f"{path}: record {i + 1}: {caption_key!r} is not a string")
-        try:
-            pairs.append((int(record[image_id_key]), record[caption_key]))
-        except (TypeError, ValueError):
-            raise DataFileError(
-                f"{path}: record {i + 1}: image id {record[image_id_key]!r} is not an integer"
-            ) from None
+            raise DataFileError(f"{path}: {where}: {caption_key!r} is not a string")
+        image_id = _image_id(record[image_id_key], f"{path}: {where}")
+        lines.setdefault(image_id, []).append(where)
+        pairs.append((image_id, record[caption_key]))
+    check_one_caption_per_image(lines, f"{path}: ")
     return pairs
 
 
+def load_chair(
+    gt: str | Path | None = None,
+    coco_annotations: str | Path | None = None,
+    synonyms: str | Path | None = None,
+    announce: bool = True,
+) -> Chair:
+    """The CHAIR scorer of ``veridical score chair`` / ``veridical eval chair``.
+
+    Ground truth from exactly one of ``gt`` (a prepared JSON, see :meth:`GroundTruth.from_json`) or
+    ``coco_annotations`` (a folder with ``instances_*.json`` and ``captions_*.json``). Vocabulary, in
+    this order: ``synonyms`` if given; else a ``synonyms.txt`` in the annotation folder or beside the
+    ``gt`` file (the data's own list, as the synthetic world's ``probe/`` folder carries; with
+    ``announce``, its path is printed on stderr); else the COCO list shipped with veridical. Whichever
+    it is, a ground truth with objects outside the vocabulary is refused (:func:`check_vocabulary`).
+    """
+    if (gt is None) == (coco_annotations is None):
+        raise VeridicalError("CHAIR needs exactly one ground truth: --gt FILE or --coco-annotations DIR")
+    if synonyms is None:
+        found = (Path(coco_annotations) if coco_annotations is not None else Path(gt).parent) / SYNONYMS_FILE
+        if found.is_file():
+            synonyms = found
+            if announce:
+                print(
+                    f"CHAIR vocabulary: {found} (found with the ground truth; --synonyms overrides)",
+                    file=sys.stderr,
+                )
+    vocabulary = ChairVocabulary.from_file(synonyms)
+    if coco_annotations is not None:
+        return Chair(GroundTruth.from_coco(coco_annotations, vocabulary), vocabulary)
+    return Chair(GroundTruth.from_json(gt), vocabulary)
+
+
 class ChairScorer:
-    """Per-sample records and metrics of a ``veridical eval chair`` run."""
+    """Per-sample records and metrics of a ``veridical eval chair`` run (``bootstrap`` checked at once,
+    before any generation)."""
 
     def __init__(self, chair: Chair, bootstrap: int = 1000, seed: int = 0):
+        check_bootstrap(bootstrap)
         self.chair, self.bootstrap, self.seed = chair, bootstrap, seed
 
     def record(self, sample, output: str) -> dict:

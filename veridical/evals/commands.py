@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,10 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     _add_chair_truth(chair, required=True)
     chair.add_argument("--image-id-key", default="image_id")
     chair.add_argument("--caption-key", default="caption")
-    chair.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals (0: none)")
-    chair.add_argument("--seed", type=int, default=0)
+    chair.add_argument(
+        "--bootstrap", type=nonnegative_int, default=1000, help="resamples for 95%% intervals (0: none)"
+    )
+    chair.add_argument("--seed", type=nonnegative_int, default=0)
     chair.add_argument("--details", help="write per-caption results to this JSON file")
     chair.add_argument("--json", action="store_true", help="print one JSON object")
     chair.set_defaults(run=score_chair)
@@ -36,8 +40,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--prefix", default="coco")
     build.add_argument("--strategy", action="append", choices=("random", "popular", "adversarial"))
-    build.add_argument("--num-images", type=int, default=500)
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--num-images", type=positive_int, default=500)
+    build.add_argument("--seed", type=nonnegative_int, default=0)
     build.set_defaults(run=pope_build)
 
     ev = sub.add_parser("eval", help="run a model with methods over POPE or CHAIR and score it")
@@ -48,7 +52,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="method to apply, repeatable: vcd | vcd:alpha=2,contrast=blank | JSON object",
+        help="method to apply, repeatable; a stack joins methods with '+': "
+        "vcd | vcd:alpha=2,contrast=blank | var+vcd | vanilla | JSON object",
     )
     data = ev.add_argument_group("data")
     data.add_argument("--images", help="image folder (COCO val2014 for the COCO sets)")
@@ -60,8 +65,10 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--hf-split", default="test")
     data.add_argument("--hf-category", help="random | popular | adversarial")
     _add_chair_truth(ev, required=False)
-    data.add_argument("--num-images", type=int, default=500, help="CHAIR: images sampled with --seed")
-    data.add_argument("--limit", type=int, help="only the first N samples")
+    data.add_argument(
+        "--num-images", type=positive_int, default=500, help="CHAIR: images sampled with --seed"
+    )
+    data.add_argument("--limit", type=positive_int, help="only the first N samples (N >= 1)")
     ev.add_argument(
         "--protocol",
         metavar="NAME",
@@ -81,21 +88,27 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     gen = ev.add_argument_group(
         "generation (defaults: the protocol's; default protocol: each method's paper setting)"
     )
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--num-beams", type=int)
+    gen.add_argument("--max-new-tokens", type=positive_int)
+    gen.add_argument("--num-beams", type=positive_int)
     gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--temperature", type=finite_float)
+    gen.add_argument("--top-p", type=finite_float)
     gen.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE", help="any generate() setting")
     ev.add_argument(
         "--rule", choices=sorted(PARSERS), help="POPE answer parsing rule (default: the protocol's; llava)"
     )
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=positive_int, default=8)
+    ev.add_argument("--seed", type=nonnegative_int, default=0)
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument(
         "--output", help="output folder (default: runs/<benchmark>-<model>-<methods>[-<protocol>])"
+    )
+    ev.add_argument("--overwrite", action="store_true", help="delete the folder's earlier run and start over")
+    ev.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every setting, load the model and build the methods on the first batch; write nothing",
     )
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=run_eval_command)
@@ -107,11 +120,11 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--model", required=True, help="hub id, local folder, world or world-noprior")
     cal.add_argument("--questions", help="POPE question file (default for world models: a fresh world set)")
     cal.add_argument("--images", help="image folder of the questions")
-    cal.add_argument("--samples", type=int, default=32, help="questions drawn with --seed")
+    cal.add_argument("--samples", type=positive_int, default=32, help="questions drawn with --seed")
     cal.add_argument("--layers", help="comma-separated layers to search (default: ACT's scaled 2..30)")
-    cal.add_argument("--scale", type=float, default=0.4)
-    cal.add_argument("--threshold", type=float, default=0.1)
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--scale", type=finite_float, default=0.4)
+    cal.add_argument("--threshold", type=finite_float, default=0.1)
+    cal.add_argument("--seed", type=nonnegative_int, default=0)
     cal.add_argument("--dtype", default="auto")
     cal.add_argument("--device", default="auto")
     cal.add_argument("--output", required=True, help="head file to write (JSON)")
@@ -123,10 +136,17 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     )
     train = world.add_parser("train", help="train a world model from a seed (reproduces the shipped ones)")
     train.add_argument("--output", required=True)
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--pair-p", type=float, default=0.9, help="co-occurrence of prior pairs (0: control)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--steps", type=positive_int, default=3000)
+    train.add_argument(
+        "--pair-p", type=probability, default=0.9, help="co-occurrence of prior pairs (0: control)"
+    )
+    train.add_argument("--seed", type=nonnegative_int, default=0)
+    train.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch CPU threads; 1 reproduces the shipped checkpoints on a like machine (see README)",
+    )
     train.set_defaults(run=world_train)
     weval = world.add_parser(
         "eval", help="vanilla and methods on the world: CHAIR, partner rate, POPE splits"
@@ -141,9 +161,11 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         help="a method stack, methods joined by '+': vcd | vcd:contrast=blank | var+vcd; "
         "repeatable (default: vanilla, every VCD contrast and every other method)",
     )
-    weval.add_argument("--probes", type=int, default=400)
-    weval.add_argument("--num-beams", type=int, default=1, help="beams for every stack (OPERA keeps its own)")
-    weval.add_argument("--seed", type=int, default=1000)
+    weval.add_argument("--probes", type=positive_int, default=400)
+    weval.add_argument(
+        "--num-beams", type=positive_int, default=1, help="beams for every stack (OPERA keeps its own)"
+    )
+    weval.add_argument("--seed", type=nonnegative_int, default=1000)
     weval.add_argument("--output", default="runs/world")
     weval.add_argument("--report", help="also write the table to this Markdown file")
     weval.add_argument("--no-progress", action="store_true")
@@ -159,8 +181,56 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="run a YAML grid of models, benchmarks and method stacks")
     sweep.add_argument("config", help="sweep YAML, e.g. configs/ablation_vcd.yaml")
     sweep.add_argument("--output", help="output folder (default: the file's `output` or runs/sweeps/<name>)")
-    sweep.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check each cell as its run would (model loaded, methods built on the first batch); run nothing",
+    )
     sweep.set_defaults(run=sweep_command)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan or inf)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def _add_chair_truth(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -173,12 +243,9 @@ def _add_chair_truth(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _chair(args: argparse.Namespace):
-    from veridical.evals.chair import Chair, ChairVocabulary, GroundTruth
+    from veridical.evals.chair import load_chair
 
-    vocabulary = ChairVocabulary.from_file(args.synonyms)
-    if args.coco_annotations:
-        return Chair(GroundTruth.from_coco(args.coco_annotations, vocabulary), vocabulary)
-    return Chair(GroundTruth.from_json(args.gt), vocabulary)
+    return load_chair(args.gt, args.coco_annotations, args.synonyms)
 
 
 def score_chair(args: argparse.Namespace) -> int:
@@ -293,25 +360,46 @@ def _resolve(args: argparse.Namespace, methods: list, family: str | None):
     )
 
 
-def run_eval_command(args: argparse.Namespace) -> int:
+@dataclass
+class EvalPlan:
+    """An eval run checked down to the first batch's method construction, not yet started."""
+
+    config: Any
+    model: Any
+    processor: Any
+    samples: list
+    scorer: Any
+    output: Path
+    label: str
+    protocol: str
+    #: ``new``, ``resume``, ``takeover`` (a folder without finished samples) or ``overwrite``.
+    status: str
+
+
+def plan_eval(args: argparse.Namespace) -> EvalPlan:
+    """Validate every setting of an eval, load the model and build its methods on the first batch.
+
+    Nothing is written: a mistake found here leaves no folder behind to block the corrected run.
+    """
     from veridical.evals.chair import ChairScorer
-    from veridical.evals.models import load_model
+    from veridical.evals.models import check_device, load_model
     from veridical.evals.pope import PopeScorer
     from veridical.evals.protocols import check_protocol
-    from veridical.evals.runner import EvalConfig, method_name, run_eval
+    from veridical.evals.runner import EvalConfig, check_methods, prepare_output
     from veridical.evals.samples import chair_samples
-    from veridical.registry import parse_method_spec, validate_spec
+    from veridical.evals.settings import check_generation
 
-    methods = [parse_method_spec(m) for m in args.method]
-    for spec in methods:
-        validate_spec(spec)
+    methods = parse_methods(args.method)
     protocol = check_protocol(args.protocol, args.benchmark)
+    check_generation(generation_overrides(args), source="--gen/generation flags")
+    check_device(args.device)
     # What does not depend on the model family (request, parser) is resolved before the model loads,
     # so that bad data fail fast; the rest once the family is known.
     early = _resolve(args, methods, None)
     samples, data = _samples(args)
     if args.benchmark == "chair":
         chair = _chair(args)
+        data["synonyms"] = chair.vocabulary.source  # the records' objects depend on it
         data["prompt"] = early.instruction
         samples = chair_samples(
             args.images, list(chair.ground_truth), args.num_images, args.seed, data["prompt"]
@@ -320,14 +408,15 @@ def run_eval_command(args: argparse.Namespace) -> int:
     else:
         scorer = PopeScorer(early.rule)
         data["rule"] = early.rule
-    if args.limit:
+    if args.limit is not None:
         samples = samples[: args.limit]
         data["limit"] = args.limit
-    label = "+".join(method_name(m) for m in methods) or "vanilla"
+    label = "+".join(method_label(m) for m in methods) or "vanilla"
     suffix = "" if protocol.name == "default" else f"-{protocol.name}"
-    output = args.output or f"runs/{args.benchmark}-{Path(args.model).name}-{label}{suffix}"
+    output = Path(args.output or f"runs/{args.benchmark}-{Path(args.model).name}-{label}{suffix}")
     model, processor = load_model(args.model, args.dtype, args.device)
     run = _resolve(args, methods, getattr(model.config, "model_type", None))
+    check_generation(run.generation, source="the resolved generation settings")
     config = EvalConfig(
         args.benchmark,
         args.model,
@@ -339,17 +428,64 @@ def run_eval_command(args: argparse.Namespace) -> int:
         prompt=run.prompt,
         protocol=run.record,
     )
-    overridden = f", overridden {sorted(run.record['overridden'])}" if run.record["overridden"] else ""
+    status = prepare_output(config, output, args.overwrite)
+    check_methods(config, model, processor, samples)
+    return EvalPlan(config, model, processor, samples, scorer, output, label, protocol.name, status)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from veridical.evals.runner import run_eval
+
+    plan = plan_eval(args)
+    record = plan.config.protocol or {}
+    overridden = f", overridden {sorted(record['overridden'])}" if record.get("overridden") else ""
+    what = {"new": "", "resume": " (resuming)", "takeover": " (taking over a folder with no finished sample)"}
     print(
-        f"{args.benchmark}: {len(samples)} samples, methods [{label}], protocol {protocol.name}{overridden}, "
-        f"generation {run.generation} -> {output}"
+        f"{args.benchmark}: {len(plan.samples)} samples, methods [{plan.label}], protocol {plan.protocol}"
+        f"{overridden}, generation {plan.config.generation} -> {plan.output}"
+        + what.get(plan.status, " (overwriting)")
     )
-    results = run_eval(config, model, processor, samples, scorer, output, progress=not args.no_progress)
+    if args.dry_run:
+        print("dry run: every setting checked and the methods built on the first batch; nothing written")
+        return 0
+    results = run_eval(
+        plan.config,
+        plan.model,
+        plan.processor,
+        plan.samples,
+        plan.scorer,
+        plan.output,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
     if results is not None:
         metrics = {k: v for k, v in results["metrics"].items() if isinstance(v, float)}
-        print_metrics(metrics, len(samples), as_json=False)
-        print(f"results: {Path(output) / 'results.json'}")
+        print_metrics(metrics, len(plan.samples), as_json=False)
+        print(f"results: {plan.output / 'results.json'}")
     return 0
+
+
+def parse_methods(texts: list[str]) -> list:
+    """The methods of repeated ``--method`` values, each a stack (``vanilla``, ``var+vcd:alpha=2``)."""
+    from veridical.registry import parse_method_stack, validate_spec
+
+    methods = [spec for text in texts for spec in parse_method_stack(text)]
+    for spec in methods:
+        validate_spec(spec)
+    return methods
+
+
+def method_label(spec: Any) -> str:
+    """A method in a folder name, with the hyper-parameters that differ from its defaults:
+    ``vcd``, ``vcd-contrast=blank``, ``act-heads=configs_act_heads_world.json``."""
+    from veridical.registry import hyperparameters, method_class
+
+    if isinstance(spec, str):
+        return spec
+    defaults = hyperparameters(method_class(spec["name"]))
+    changed = [f"{k}={v}" for k, v in spec.items() if k != "name" and defaults.get(k) != v]
+    text = "-".join([spec["name"], *changed])
+    return re.sub(r"[^\w.=,+-]", "_", text.replace("/", "_"))
 
 
 def protocols_command(args: argparse.Namespace) -> int:
@@ -360,10 +496,10 @@ def protocols_command(args: argparse.Namespace) -> int:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from veridical.evals.sweep import run_sweep
+    from veridical.evals.sweep import failed_cells, run_sweep
 
-    run_sweep(args.config, args.output, dry_run=args.dry_run)
-    return 0
+    rows = run_sweep(args.config, args.output, dry_run=args.dry_run)
+    return 1 if failed_cells(rows) else 0
 
 
 def world_train(args: argparse.Namespace) -> int:
@@ -379,14 +515,8 @@ def world_eval(args: argparse.Namespace) -> int:
     import time
 
     from veridical.evals.world.evaluate import DEFAULT_METHODS, evaluate_world, markdown_table
-    from veridical.registry import parse_method_spec, validate_spec
 
-    stacks = DEFAULT_METHODS
-    if args.method:
-        stacks = [[] if s == "vanilla" else [parse_method_spec(m) for m in s.split("+")] for s in args.method]
-    for stack in stacks:
-        for spec in stack:
-            validate_spec(spec)
+    stacks = [parse_methods([text]) for text in args.method] if args.method else DEFAULT_METHODS
     start, rows = time.perf_counter(), []
     for model in args.model or ["world"]:
         rows += evaluate_world(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +28,11 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> 
     name_or_path = str(WORLD_MODELS.get(name_or_path, name_or_path))
     if dtype not in DTYPES:
         raise VeridicalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    config = AutoConfig.from_pretrained(name_or_path)
+    check_device(device)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise VeridicalError(_load_failure(name_or_path, err)) from None
     if config.model_type not in ADAPTERS:
         raise VeridicalError(
             f"{name_or_path} is a {config.model_type!r} model; supported families: {', '.join(ADAPTERS)}"
@@ -37,12 +42,45 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> 
     torch_dtype = DTYPES[dtype]
     if torch_dtype == "auto" and device == "cpu":
         torch_dtype = torch.float32  # half precision is slow and lossy on CPUs
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise VeridicalError(_load_failure(name_or_path, err)) from None
     if not hasattr(processor, "image_processor"):
         processor = _image_processor_fallback(name_or_path, config.model_type)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything loads."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise VeridicalError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise VeridicalError(f"--device {device}: this machine has no CUDA GPU; use --device cpu (or auto)")
+    if kind == "cuda" and torch.device(device).index is not None:
+        if torch.device(device).index >= torch.cuda.device_count():
+            raise VeridicalError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise VeridicalError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def _load_failure(name_or_path: str, err: Exception) -> str:
+    """One line for a model that cannot be loaded (offline, mistyped, incomplete folder)."""
+    if Path(name_or_path).exists():
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"cannot load the model in {name_or_path}: {reason}"
+    return (
+        f"cannot load model {name_or_path!r}: it is not a local folder and not in the Hugging Face cache "
+        "(or the hub is unreachable); download it first (`hf download "
+        + name_or_path
+        + "`) or pass its folder"
+    )
 
 
 def _image_processor_fallback(name_or_path: str, model_type: str):

@@ -3,7 +3,12 @@
 Questions "Is there a {object} in the image?" with yes/no labels. Answers are parsed into yes/no by a
 rule (the official POPE/LLaVA rule by default) and scored with "yes" as the positive class. Answers
 are matched to questions by ``question_id``; a missing, unknown or duplicate id is an error, never a
-silent "yes".
+silent "yes" or a question counted twice (in a question file, an answers file, the question list given
+to :func:`score_pope` or the records given to :class:`PopeScorer`).
+
+The reference rules read an empty answer as "yes". A few empty answers among real ones are scored so
+(and counted, with a warning, in ``veridical eval``); answers that are all empty are refused
+(:class:`~veridical.evals.io.EmptyOutputsError`): a run that generated nothing has no score.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from veridical.evals.io import DataFileError, read_records
+from veridical.evals.io import DataFileError, check_not_all_empty, read_located_records, short
 
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
@@ -83,50 +88,66 @@ def question_object(text: str) -> str | None:
 
 
 def read_questions(path: str | Path) -> list[Question]:
-    """POPE questions from a JSON-lines file or a JSON array (``question_id``, ``image``, ``text``,
-    ``label``)."""
-    questions, seen = [], set()
-    for i, record in enumerate(read_records(path), 1):
+    """POPE questions from a JSON-lines file or a JSON array (UTF-8; ``question_id``, ``image``,
+    ``text``, ``label``); each question id once."""
+    questions, seen = [], {}
+    for where, record in read_located_records(path):
         missing = [k for k in ("question_id", "image", "text", "label") if k not in record]
         if missing:
-            raise DataFileError(f"{path}: question {i} lacks {', '.join(missing)}: {record}")
+            raise DataFileError(f"{path}: {where} lacks {', '.join(missing)}: {short(record)}")
         label = str(record["label"]).strip().lower()
         if label not in ("yes", "no"):
-            raise DataFileError(
-                f"{path}: question {record['question_id']} has label {record['label']!r}, expected yes or no"
-            )
-        qid = _question_id(record["question_id"], path)
+            raise DataFileError(f"{path}: {where} has label {record['label']!r}, expected yes or no")
+        for key in ("image", "text"):
+            if not isinstance(record[key], str):
+                raise DataFileError(f"{path}: {where}: {key!r} is not a string: {short(record[key])}")
+        qid = _question_id(record["question_id"], f"{path}: {where}")
         if qid in seen:
-            raise DataFileError(f"{path}: question_id {qid} appears twice")
-        seen.add(qid)
+            raise DataFileError(f"{path}: question_id {qid} appears twice ({seen[qid]} and {where})")
+        seen[qid] = where
         questions.append(
             Question(qid, record["image"], record["text"], label, question_object(record["text"]))
         )
-    if not questions:
-        raise DataFileError(f"{path}: no questions")
     return questions
 
 
-def _question_id(value, path) -> int:
+def _question_id(value, where) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise DataFileError(f"{where}: question_id {value!r} is not an integer")
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise DataFileError(f"{path}: question_id {value!r} is not an integer") from None
+        raise DataFileError(f"{where}: question_id {value!r} is not an integer") from None
 
 
 def read_answers(path: str | Path) -> dict[int, str]:
-    """``question_id -> text`` from a JSON-lines answers file; duplicates are an error."""
+    """``question_id -> text`` from a JSON-lines or JSON-array answers file (UTF-8); a question
+    answered twice is an error naming both lines."""
     answers: dict[int, str] = {}
-    for i, record in enumerate(read_records(path), 1):
+    seen: dict[int, str] = {}
+    for where, record in read_located_records(path):
         if "question_id" not in record or "text" not in record:
-            raise DataFileError(f"{path}: answer {i} lacks 'question_id' or 'text': {record}")
-        qid = _question_id(record["question_id"], path)
+            raise DataFileError(f"{path}: {where} lacks 'question_id' or 'text': {short(record)}")
+        qid = _question_id(record["question_id"], f"{path}: {where}")
         if qid in answers:
-            raise DataFileError(f"{path}: question_id {qid} is answered twice")
+            raise DataFileError(f"{path}: question_id {qid} is answered twice ({seen[qid]} and {where})")
         if not isinstance(record["text"], str):
-            raise DataFileError(f"{path}: answer to question {qid} is not a string")
-        answers[qid] = record["text"]
+            raise DataFileError(f"{path}: {where}: the answer to question {qid} is not a string")
+        answers[qid], seen[qid] = record["text"], where
     return answers
+
+
+def _refuse_repeats(question_ids: Iterable[int], what: str) -> None:
+    positions: dict[int, list[int]] = {}
+    for i, qid in enumerate(question_ids, 1):
+        positions.setdefault(qid, []).append(i)
+    repeated = {qid: at for qid, at in positions.items() if len(at) > 1}
+    if repeated:
+        qid, at = next(iter(repeated.items()))
+        raise DataFileError(
+            f"question_id {qid} appears {len(at)} times ({what}s {', '.join(map(str, at[:4]))}); "
+            f"{len(repeated)} id(s) repeat: each question is scored once"
+        )
 
 
 @dataclass
@@ -163,9 +184,13 @@ def pope_metrics(
 
 
 def score_pope(questions: Iterable[Question], answers: Mapping[int, str], rule: str = "llava") -> PopeResult:
-    """Score ``answers`` (question_id -> text) against ``questions``; every question needs one answer."""
+    """Score ``answers`` (question_id -> text) against ``questions``; every question needs one answer,
+    and each question id appears once. Answers that are all empty raise
+    :class:`~veridical.evals.io.EmptyOutputsError`; a few empty ones are scored by ``rule`` (as "yes"
+    by the reference rules)."""
     parse = get_parser(rule)
     questions = list(questions)
+    _refuse_repeats([q.question_id for q in questions], "question")
     known = {q.question_id for q in questions}
     unanswered = [q.question_id for q in questions if q.question_id not in answers]
     if unanswered:
@@ -175,6 +200,7 @@ def score_pope(questions: Iterable[Question], answers: Mapping[int, str], rule: 
     extra = sorted(set(answers) - known)
     if extra:
         raise DataFileError(f"answers for unknown question_id(s) {extra[:5]}")
+    check_not_all_empty([answers[q.question_id] for q in questions], "answers")
     predictions = {q.question_id: parse(answers[q.question_id], q.label) for q in questions}
     metrics, confusion = pope_metrics(
         (predictions[q.question_id] for q in questions), (q.label for q in questions)
@@ -197,6 +223,11 @@ class PopeScorer:
         }
 
     def score(self, records) -> dict:
+        """Metrics of the run's records (one per question id). Outputs that are all empty raise
+        :class:`~veridical.evals.io.EmptyOutputsError`; a few empty ones are scored as the rule reads
+        them, counted in ``empty_answers`` and warned about."""
+        _refuse_repeats([r["question_id"] for r in records if "question_id" in r], "record")
+        check_not_all_empty([r["output"] for r in records if "output" in r], "answers")
         metrics, confusion = pope_metrics([r["answer"] for r in records], [r["label"] for r in records])
         # The reference rules read an empty answer as "yes"; count them so a broken run cannot hide.
         empty = sum(1 for r in records if not str(r.get("output", "x")).strip())

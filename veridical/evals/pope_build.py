@@ -36,14 +36,19 @@ def coco_image_objects(instances_file: str | Path) -> dict[str, list[str]]:
     """Image file name -> object class names in annotation order (first occurrence), from a COCO
     ``instances_*.json`` read with pycocotools."""
 
+    coco = quiet_coco(instances_file, ("images", "annotations", "categories"))
     try:
-        coco = quiet_coco(str(instances_file))
-    except (OSError, ValueError, KeyError) as err:
-        raise DataFileError(f"cannot read COCO annotations {instances_file}: {err}") from err
-    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
-    files = {img["id"]: img["file_name"] for img in coco.dataset["images"]}
+        names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+        files = {img["id"]: img["file_name"] for img in coco.dataset["images"]}
+    except KeyError as err:
+        raise DataFileError(f"{instances_file}: an image or category lacks {err}") from None
     objects: dict[str, list[str]] = {name: [] for name in files.values()}
     for ann in coco.dataset["annotations"]:
+        if ann.get("image_id") not in files or ann.get("category_id") not in names:
+            raise DataFileError(
+                f"{instances_file}: annotation {ann.get('id')!r} names an unknown image or category "
+                f"(image_id {ann.get('image_id')!r}, category_id {ann.get('category_id')!r})"
+            )
         seen = objects[files[ann["image_id"]]]
         name = names[ann["category_id"]]
         if name not in seen:
@@ -69,6 +74,9 @@ def build_pope(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown POPE strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    for name, value in (("num_images", num_images), ("positives", positives)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataFileError(f"POPE {name} must be a whole number >= 1, got {value!r}")
     eligible = sorted(img for img, objs in image_objects.items() if len(set(objs)) >= positives)
     if len(eligible) < num_images:
         raise DataFileError(
@@ -118,5 +126,8 @@ def _question(question_id: int, image: str, obj: str, label: str, template: str)
 def write_questions(questions: Sequence[dict], path: str | Path) -> None:
     """Write questions as JSON lines, the format of the official POPE files."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
+    except OSError as err:
+        raise DataFileError(f"cannot write {path}: {err.strerror or err}") from None

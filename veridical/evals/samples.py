@@ -60,7 +60,7 @@ def _image_loader(path: Path) -> Callable[[], Image.Image]:
 
 def pope_samples(questions_file: str | Path, image_dir: str | Path) -> list[Sample]:
     """POPE samples from a question file and the folder holding its images."""
-    image_dir = Path(image_dir)
+    image_dir = _image_folder(image_dir)
     questions = read_questions(questions_file)
     missing = sorted({q.image for q in questions if not (image_dir / q.image).is_file()})
     if missing:
@@ -105,13 +105,21 @@ def pope_hf_samples(
     return samples
 
 
+def _image_folder(image_dir: str | Path) -> Path:
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        problem = "is not a folder" if image_dir.exists() else "does not exist"
+        raise DataFileError(f"image folder {image_dir} {problem}")
+    return image_dir
+
+
 _COCO_ID = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 
 
 def coco_image_ids(image_dir: str | Path) -> dict[int, Path]:
     """Image id -> file for COCO-named images (``COCO_val2014_000000123456.jpg`` or ``123456.jpg``)."""
     found = {}
-    for path in sorted(Path(image_dir).iterdir()):
+    for path in sorted(_image_folder(image_dir).iterdir()):
         match = _COCO_ID.search(path.name)
         if match:
             found[int(match.group(1))] = path
@@ -128,6 +136,8 @@ def chair_samples(
     prompt: str = CHAIR_PROMPT,
 ) -> list[Sample]:
     """``num_images`` captioning samples drawn with ``seed`` from the images that have ground truth."""
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise DataFileError(f"the number of CHAIR images must be a whole number >= 1, got {num_images!r}")
     files = coco_image_ids(image_dir)
     candidates = sorted(set(files) & set(image_ids))
     if len(candidates) < num_images:

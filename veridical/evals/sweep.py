@@ -18,8 +18,10 @@ seed: 0
 ```
 
 Everything is validated before the first forward pass (unknown keys, methods or hyper-parameters are
-reported with their line). Finished cells are skipped on re-run, unfinished ones resume. The sweep
-ends with ``summary.md``, ``summary.csv`` and ``summary.png``.
+reported with their line); ``--dry-run`` also checks each cell as its run would (model loaded,
+methods built on the first batch). Finished cells are skipped on re-run, unfinished ones resume. A
+failing cell does not stop the others: the summary marks it and the exit status is 1. The sweep ends
+with ``summary.md``, ``summary.csv`` and ``summary.png``.
 """
 
 from __future__ import annotations
@@ -228,38 +230,70 @@ def cell_argv(settings: dict[str, Any], cell: Cell, output: Path) -> list[str]:
 def run_sweep(
     path: str | Path, output: str | Path | None = None, dry_run: bool = False
 ) -> list[dict[str, Any]]:
-    """Run every unfinished cell, then write the summary; returns one row per cell."""
-    from veridical.cli import main
+    """Run every unfinished cell, then write the summary; returns one row per cell.
 
+    A cell that fails (a setting its model refuses, missing data, ...) does not stop the others: its
+    row says ``failed`` with the reason, and :func:`failed_cells` counts them for the exit status.
+    ``dry_run`` checks every cell as its run would (model loaded, methods built on the first batch)
+    and writes nothing.
+    """
     settings, cells = load_sweep(path)
     root = Path(output or settings.get("output") or Path("runs") / "sweeps" / settings["name"])
-    print(f"sweep {settings['name']}: {len(cells)} cells -> {root}")
+    print(f"sweep {settings['name']}: {len(cells)} cells -> {root}" + (" (dry run)" if dry_run else ""))
+    failures: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
         cell_dir = root / cell.name
-        if (cell_dir / "results.json").exists():
+        if (cell_dir / "results.json").exists() and not dry_run:
             print(f"[{i}/{len(cells)}] {cell.name}: done, skipped")
             continue
         print(f"[{i}/{len(cells)}] {cell.name}")
-        if dry_run:
-            continue
-        if main(cell_argv(settings, cell, cell_dir)) != 0:
-            raise VeridicalError(f"cell {cell.name} failed; re-run the sweep to resume it")
-    rows = [_row(cell, root / cell.name) for cell in cells]
+        argv = cell_argv(settings, cell, cell_dir) + (["--dry-run"] if dry_run else [])
+        error = _run_cell(argv)
+        if error:
+            failures[cell.name] = error
+            print(f"[{i}/{len(cells)}] {cell.name}: FAILED: {error}")
+    rows = [_row(cell, root / cell.name, failures.get(cell.name)) for cell in cells]
     if not dry_run:
         write_summary(rows, root)
+    if failures:
+        print(f"{len(failures)} of {len(cells)} cells failed" + ("" if dry_run else "; see the summary"))
     return rows
 
 
-def _row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
+def _run_cell(argv: list[str]) -> str | None:
+    """Run one cell's ``veridical eval``; the reason it failed, or None. Ctrl-C stops the sweep."""
+    import contextlib
+    import io
+
+    from veridical.cli import build_parser
+
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            args = build_parser().parse_args(argv)
+        args.run(args)
+    except (VeridicalError, OSError) as err:
+        return str(err)
+    except SystemExit:  # an option value the command line refused
+        return usage.getvalue().strip().removeprefix("veridical: error: ") or "invalid option"
+    return None
+
+
+def failed_cells(rows: Sequence[dict[str, Any]]) -> int:
+    return sum(1 for row in rows if row.get("status", "").startswith("failed"))
+
+
+def _row(cell: Cell, cell_dir: Path, failure: str | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {
         "cell": cell.name,
         "model": cell.model,
         "benchmark": cell.benchmark,
         "methods": stack_label(cell.methods).replace(" ", ""),
         **({"protocol": cell.protocol} if cell.protocol else {}),
+        "status": f"failed: {failure}" if failure else "ok",
     }
     results_file = cell_dir / "results.json"
-    if results_file.exists():
+    if results_file.exists() and not failure:
         results = json.loads(results_file.read_text(encoding="utf-8"))
         row.update({k: v for k, v in results["metrics"].items() if isinstance(v, (int, float))})
         run = results["run"]
@@ -271,7 +305,7 @@ def _row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
 def write_summary(rows: list[dict[str, Any]], root: Path) -> None:
     """``summary.md``, ``summary.csv`` and ``summary.png`` (hallucination against recall and cost)."""
     root.mkdir(parents=True, exist_ok=True)
-    columns = ["model", "benchmark", "methods"]
+    columns = ["model", "benchmark", "methods", "status"]
     for row in rows:
         columns += [k for k in row if k not in columns and k != "cell"]
     with open(root / "summary.csv", "w", newline="", encoding="utf-8") as f:

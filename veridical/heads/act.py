@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from veridical.adapters import Inputs
 from veridical.attention import ForwardContext, fit_keys
 from veridical.errors import InputError, MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, layer_range
-from veridical.registry import register_method
+from veridical.params import Custom, Layers, Optional, Real, Rule, existing_file
+from veridical.registry import check_hyperparameters, register_method
 
 HeadSet = dict[int, list[int]]
 
@@ -66,6 +67,21 @@ def load_heads(path: str | Path) -> HeadSet:
         raise InputError(f"{path}: not an ACT head file ({err})") from err
 
 
+def _head_set(value: Any) -> bool:
+    """A ``{layer: [head, ...]}`` mapping of indices >= 0 (layer keys may be JSON's digit strings)."""
+
+    def index(i: Any) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+    return isinstance(value, Mapping) and all(
+        (index(layer) or isinstance(layer, str) and layer.isdigit())
+        and isinstance(heads, Sequence)
+        and not isinstance(heads, str)
+        and all(index(h) for h in heads)
+        for layer, heads in value.items()
+    )
+
+
 @register_method("act")
 class ACT(HeadMethod):
     r"""Attention Calibration Technique.
@@ -108,6 +124,21 @@ class ACT(HeadMethod):
         layers: layers used when ``heads`` is ``None``.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "scale": Real(0, 1),
+        "threshold": Real(0, 1, low_open=True, high_open=True),
+        # Whether the heads exist is checked on the model.
+        "heads": Optional(
+            Custom(
+                lambda v: existing_file(v) or _head_set(v),
+                "a {layer: [heads]} mapping or the path of an existing head file (veridical calibrate-act)",
+                "{layer: [heads]} | path",
+            )
+        ),
+        "layers": Optional(Layers()),
+    }
+
     def __init__(
         self,
         model: nn.Module,
@@ -117,11 +148,8 @@ class ACT(HeadMethod):
         heads: Mapping[int, Sequence[int]] | str | Path | None = None,
         layers: Sequence[int] | None = None,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        if not 0 <= scale <= 1:
-            raise MethodSpecError(f"ACT scale must be in [0, 1], got {scale}")
-        if not 0 < threshold < 1:
-            raise MethodSpecError(f"ACT threshold must be in (0, 1), got {threshold}")
         depth, num_heads = self.adapter.num_layers, self.adapter.num_heads
         if isinstance(heads, (str, Path)):
             heads = load_heads(heads)

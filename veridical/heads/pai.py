@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.attention import ForwardContext
-from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, layer_range
-from veridical.registry import register_method
+from veridical.params import Flag, Layers, Optional, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
 
 
 @register_method("pai")
@@ -68,6 +68,14 @@ class PAI(HeadMethod):
         boost_prefill: boost the prompt's forward too; default: only when ``gamma == 1`` (official).
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "alpha": Real(0),
+        "gamma": Real(1),
+        "layers": Optional(Layers()),
+        "boost_prefill": Optional(Flag()),
+    }
+
     def __init__(
         self,
         model: nn.Module,
@@ -77,20 +85,11 @@ class PAI(HeadMethod):
         layers: Sequence[int] | None = None,
         boost_prefill: bool | None = None,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        if alpha < 0:
-            raise MethodSpecError(f"{type(self).__name__} alpha must be >= 0, got {alpha}")
-        if gamma < 1:
-            raise MethodSpecError(
-                f"{type(self).__name__} gamma must be >= 1 (1 disables the contrast), got {gamma}"
-            )
         depth = self.adapter.num_layers
         self.layers = check_layers("PAI", layers, depth) if layers is not None else layer_range(2, 32, depth)
         self.alpha, self.gamma = alpha, gamma
-        if boost_prefill is not None and not isinstance(boost_prefill, bool):
-            raise MethodSpecError(
-                f"{type(self).__name__} boost_prefill must be true or false, got {boost_prefill!r}"
-            )
         # The official code skips the prefill exactly when its contrast processor is in use.
         self.boost_prefill = gamma == 1 if boost_prefill is None else boost_prefill
         if gamma != 1:

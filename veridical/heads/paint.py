@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ from veridical.attention import AttentionHook, ForwardContext, fit_keys, prompt_
 from veridical.errors import InputError, MethodSpecError
 from veridical.heads.pai import PAI
 from veridical.heads.paired import last_token_head_outputs, paired_forward
-from veridical.registry import register_method
+from veridical.params import Flag, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
 
 
 def cls_attention(vision_tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -82,6 +84,15 @@ class PAINT(PAI):
         gamma, layers, boost_prefill: as :class:`~veridical.heads.pai.PAI`.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "local_alpha": Real(0),
+        "summary_alpha": Real(0),
+        "local_ratio": Real(0, 1, low_open=True),
+        "head_modulation": Flag(),
+        **{k: PAI.hyperparameter_rules[k] for k in ("gamma", "layers", "boost_prefill")},
+    }
+
     families = ("llava",)
 
     def __init__(
@@ -96,6 +107,7 @@ class PAINT(PAI):
         layers: Sequence[int] | None = None,
         boost_prefill: bool | None = None,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(
             model,
             inputs,
@@ -111,10 +123,6 @@ class PAINT(PAI):
                 f"PAINT chooses tokens from the vision tower's CLS-token attention; "
                 f"{type(tower).__name__} has no CLS token"
             )
-        if min(local_alpha, summary_alpha) < 0:
-            raise MethodSpecError(f"PAINT boosts must be >= 0, got {local_alpha}, {summary_alpha}")
-        if not 0 < local_ratio <= 1:
-            raise MethodSpecError(f"PAINT local_ratio must be in (0, 1], got {local_ratio}")
         self.local_alpha, self.summary_alpha, self.local_ratio = local_alpha, summary_alpha, local_ratio
         self.head_modulation = head_modulation
         self.token_weights = self._token_weights()  # per prompt: one weight per image token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -12,7 +13,19 @@ from veridical.attention import ForwardContext, fit_keys
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, layer_range
 from veridical.heads.sinks import detect_sink_dims, known_sink_dims, rms_normalized
-from veridical.registry import register_method
+from veridical.params import Custom, Flag, Layers, Optional, Real, Rule
+from veridical.registry import check_hyperparameters, register_method
+
+
+def _sink_dims(value: Any) -> bool:
+    """``None``, ``"auto"`` or a list of dimensions (whether they exist is checked on the model)."""
+    if value is None or value == "auto":
+        return True
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+    )
 
 
 @register_method("var")
@@ -79,6 +92,21 @@ class VAR(HeadMethod):
         layers: decoder layers to find sinks and redistribute in.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "p": Real(0, 1),
+        "rho": Real(0, 1),
+        "summ": Real(0, 1),
+        # Any finite threshold is meaningful (the code checks none); below 0 every token is a sink.
+        "tau": Real(),
+        "sink_dims": Custom(
+            _sink_dims, "a list of hidden dimensions >= 0, 'auto' or None", "dimensions | auto | None"
+        ),
+        "sink_ratio": Real(0),
+        "skip_last_layer": Flag(),
+        "layers": Optional(Layers()),
+    }
+
     observes_layer_inputs = True
 
     def __init__(
@@ -94,19 +122,14 @@ class VAR(HeadMethod):
         skip_last_layer: bool = False,
         layers: Sequence[int] | None = None,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        if not 0 <= p <= 1:
-            raise MethodSpecError(f"VAR p must be in [0, 1], got {p}")
-        if not 0 <= rho <= 1 or not 0 <= summ <= 1:
-            raise MethodSpecError(f"VAR rho and summ must be in [0, 1], got {rho}, {summ}")
         depth = self.adapter.num_layers
         chosen = check_layers("VAR", layers, depth) if layers is not None else layer_range(2, 32, depth)
         if skip_last_layer:
             chosen = [i for i in chosen if i != depth - 1]
         self.layers = chosen
         self.p, self.rho, self.summ, self.tau = p, rho, summ, tau
-        if isinstance(sink_dims, str) and sink_dims != "auto":
-            raise MethodSpecError(f"VAR sink_dims must be a list of dimensions or 'auto', got {sink_dims!r}")
         if sink_dims is None:
             sink_dims = known_sink_dims(self.adapter) or "auto"
         if sink_dims == "auto":

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.attention import AttentionHook, ForwardContext
-from veridical.errors import InputError, MethodSpecError
+from veridical.errors import InputError
 from veridical.heads.base import HeadMethod, check_layers, scale_index
 from veridical.heads.paired import last_token_head_outputs, paired_forward
-from veridical.registry import register_method
+from veridical.params import Custom, Layers, Optional, Real, Rule, existing_file
+from veridical.registry import check_hyperparameters, register_method
 
 
 def default_vhr_layers(family: str, depth: int) -> list[int]:
@@ -70,6 +72,20 @@ class VHR(HeadMethod):
         head_scales: saved per-head scales to reuse.
     """
 
+    #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
+        "alpha": Real(0),
+        "layers": Optional(Layers()),
+        # A tensor's shape is checked against the model on construction.
+        "head_scales": Optional(
+            Custom(
+                lambda v: existing_file(v) or hasattr(v, "shape"),
+                "the path of an existing file saved with VHR.save or a tensor",
+                "path | tensor",
+            )
+        ),
+    }
+
     needs_weights = False
 
     def __init__(
@@ -80,9 +96,8 @@ class VHR(HeadMethod):
         layers: Sequence[int] | None = None,
         head_scales: str | Path | torch.Tensor | None = None,
     ):
+        check_hyperparameters(self, locals())
         super().__init__(model, inputs)
-        if alpha < 0:
-            raise MethodSpecError(f"VHR alpha must be >= 0, got {alpha}")
         depth = self.adapter.num_layers
         self.layers = (
             check_layers("VHR", layers, depth)

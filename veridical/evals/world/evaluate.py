@@ -3,6 +3,15 @@
 The data are written once (COCO-format images and annotations, POPE question files, the world's
 CHAIR synonyms) and then go through exactly the pipeline used for COCO: ``veridical eval``'s runner,
 the CHAIR scorer and the POPE scorer. Greedy decoding everywhere, so methods compare like for like.
+
+Layout of a data folder (``<output>/data-<probes>-<seed>/``, default ``runs/world/data-400-1000/``):
+
+- ``probe/``: the CHAIR probe scenes as ``COCO_val2014_<id>.png``, their ``instances_val2014.json`` and
+  ``captions_val2014.json``, and ``synonyms.txt``, the world's CHAIR vocabulary (16 classes), which
+  :func:`veridical.evals.chair.load_chair` picks up from the annotation folder, so
+  ``veridical eval chair --model world --images D/probe --coco-annotations D/probe`` scores with it;
+- ``pope/``: the POPE scenes (images and COCO files); ``world_pope_<split>.json``: their questions;
+- ``synonyms.txt``: the same vocabulary (kept where earlier versions read it); ``done.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from veridical.evals.chair import Chair, ChairScorer, ChairVocabulary, GroundTruth
+from veridical.evals.chair import SYNONYMS_FILE, ChairScorer, GroundTruth, load_chair
 from veridical.evals.pope import PopeScorer
 from veridical.evals.pope_build import STRATEGIES, build_pope, write_questions
 from veridical.evals.runner import EvalConfig, method_name, read_run_records, run_eval, stack_label
@@ -81,6 +90,8 @@ def write_world_data(root: str | Path, probes: int = 400, seed: int = 1000) -> P
     root = Path(root)
     done = root / "done.json"
     if done.exists() and json.loads(done.read_text()) == {"probes": probes, "seed": seed}:
+        if not (root / "probe" / SYNONYMS_FILE).exists():  # written before the vocabulary sat there
+            (root / "probe" / SYNONYMS_FILE).write_text(synonyms_text())
         return root
     write_coco(probe_scenes(probes, seed), root / "probe")
     n_pope = max(1, probes // 4)
@@ -93,7 +104,9 @@ def write_world_data(root: str | Path, probes: int = 400, seed: int = 1000) -> P
             objects, strategy, num_images=n_pope, seed=seed, co_occurrence=ranked, classes=sorted(CLASSES)
         )
         write_questions(questions, root / f"world_pope_{strategy}.json")
-    (root / "synonyms.txt").write_text(synonyms_text())
+    # The vocabulary sits in the probe annotation folder, where load_chair looks for it.
+    (root / "probe" / SYNONYMS_FILE).write_text(synonyms_text())
+    (root / SYNONYMS_FILE).write_text(synonyms_text())
     done.write_text(json.dumps({"probes": probes, "seed": seed}))
     return root
 
@@ -141,8 +154,7 @@ def evaluate_world(
     root = Path(root)
     data = write_world_data(root / f"data-{probes}-{seed}", probes, seed)
     model, processor = load_model(str(WORLD_MODELS.get(model_name, model_name)), "float32", "cpu")
-    vocabulary = ChairVocabulary.from_file(data / "synonyms.txt")
-    chair = Chair(GroundTruth.from_coco(data / "probe", vocabulary), vocabulary)
+    chair = load_chair(coco_annotations=data / "probe", synonyms=data / "probe" / SYNONYMS_FILE)
     rows = []
     for stack in methods:
         label = stack_label(stack)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import platform
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -30,7 +36,132 @@ class TrainConfig:
     #: Share of scenes drawn with large, clean glyphs (the rest small and noisy).
     large_fraction: float = 0.5
     seed: int = 0
-    threads: int = 2
+    #: Torch's CPU threads. One thread is what the shipped checkpoints were trained with: the thread count
+    #: splits torch's sums differently, so another count gives other weights.
+    threads: int = 1
+
+
+#: CPU flags that decide which vectorised kernels torch, MKL and oneDNN run (and so how sums round).
+KERNEL_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+)
+#: Environment variables that change torch's CPU kernels or thread counts.
+KERNEL_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu() -> dict:
+    """Model name, vendor and kernel-relevant flags from ``/proc/cpuinfo`` (Linux; elsewhere the name)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {
+        "model": fields.get("model name") or platform.processor() or None,
+        "vendor": fields.get("vendor_id") or fields.get("CPU implementer"),
+        "logical_cpus": os.cpu_count(),
+        "kernel_flags": [flag for flag in KERNEL_FLAGS if flag in flags],
+    }
+
+
+def _veridical_commit() -> str | None:
+    """The git commit of the veridical checkout that trained (``+dirty`` with local changes), else None."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():  # an installed package, not a checkout
+        return None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "veridical"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def training_environment() -> dict:
+    """What a bit-for-bit retrain must match besides the config: library versions, torch's CPU kernels
+    and threads, the CPU and the OS.
+
+    The weights depend on the rounding of every sum in 3000 steps, and that rounding follows the kernels
+    torch dispatches: the ATen vector width (``cpu_capability``), MKL's and oneDNN's code path for the
+    CPU, and the split of work between threads. Two runs on one machine with one thread give the same
+    bytes; another CPU kernel path or thread count gives another model of the same recipe.
+    """
+    build = torch.__config__.show()
+    parallel = torch.__config__.parallel_info().splitlines()
+
+    def after(needle: str, lines: list[str]) -> str | None:
+        """The rest of the first line holding ``needle``, after it."""
+        found = next((row for row in lines if needle in row), None)
+        return found.split(needle, 1)[1].strip(" ,") if found is not None else None
+
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "veridical": _version("veridical"),
+            "veridical_commit": _veridical_commit(),
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "tokenizers": _version("tokenizers"),
+            "numpy": _version("numpy"),
+            "pillow": _version("pillow"),
+        },
+        "torch": {
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl": torch.backends.mkl.is_available(),
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "openmp": torch.backends.openmp.is_available(),
+            "blas": (after("BLAS_INFO=", build.split(", ")) or "").split(",")[0] or None,
+            "mkl_version": after("Math Kernel Library Version", parallel),
+            "mkldnn_version": after("MKL-DNN", parallel) or after("oneDNN", parallel),
+            "parallel_backend": after("ATen parallel backend:", parallel),
+        },
+        "cpu": _cpu(),
+        "os": {"platform": platform.platform(), "machine": platform.machine(), "python_build": sys.version},
+        "variables": {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ},
+    }
 
 
 def _prompt(processor, question: str) -> str:
@@ -131,6 +262,9 @@ def train_world(output: str | Path, config: TrainConfig | None = None, log_every
                 "large": asdict(LARGE),
                 "final_loss": sum(losses[-100:]) / min(100, len(losses)),
                 "seconds": round(time.perf_counter() - start, 1),
+                "environment": training_environment(),
+                # A retrain gives the same bytes with the same code, libraries, CPU kernels and threads.
+                "model_sha256": hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest(),
             },
             indent=1,
         )
