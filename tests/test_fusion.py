@@ -101,8 +101,8 @@ def test_generate_sees_only_its_rows_and_gets_its_cache_back(tiny_models):
     model, inputs = batch_of_two(tiny_models, "llava")
     decoder = VCD(model, inputs, seed=0)
     module = get_adapter(model).decode_module()
-    hooks_before = (len(module._forward_pre_hooks), len(module._forward_hooks))
     with decoder:
+        assert "forward" in vars(module)  # the fusion wraps the decode module's forward
         out = model.generate(
             **inputs,
             logits_processor=[decoder],
@@ -115,7 +115,7 @@ def test_generate_sees_only_its_rows_and_gets_its_cache_back(tiny_models):
     cache = out.past_key_values
     assert all(layer.keys.shape[0] == rows for layer in cache.layers)
     assert not hasattr(cache, SEGMENTS) and "reorder_cache" not in vars(cache)
-    assert (len(module._forward_pre_hooks), len(module._forward_hooks)) == hooks_before
+    assert "forward" not in vars(module)  # its own forward is back
     assert decoder.fusion is None
 
 
@@ -129,10 +129,9 @@ def test_fusion_is_removed_when_generation_raises(tiny_models):
             return scores
 
     module = get_adapter(model).decode_module()
-    hooks_before = len(module._forward_pre_hooks)
     with pytest.raises(KeyboardInterrupt):
         veridical.generate(model, inputs, ["vcd"], logits_processor=[Boom()], max_new_tokens=5)
-    assert len(module._forward_pre_hooks) == hooks_before
+    assert "forward" not in vars(module)
     vanilla = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert vanilla.shape[0] == inputs["input_ids"].shape[0]
 
@@ -151,16 +150,11 @@ class _LongerContrast(ContrastiveDecoder):
         return 2 * log_probs - contrast_log_probs
 
 
-@pytest.mark.parametrize("case", ["longer contrast prompt", "static cache"])
-def test_branch_that_cannot_join_runs_its_own_forward(tiny_models, case):
+def test_branch_that_cannot_join_runs_its_own_forward(tiny_models):
     model, inputs = batch_of_two(tiny_models, "llava")
-    if case == "static cache":
-        make, extra = (lambda: VCD(model, inputs, seed=0)), {"cache_implementation": "static"}
-    else:
-        make, extra = (lambda: _LongerContrast(model, inputs)), {}
-    decoder = make()
+    decoder = _LongerContrast(model, inputs)
     with decoder:
-        fused = model.generate(**inputs, logits_processor=[decoder], **RUN, **extra)
+        fused = model.generate(**inputs, logits_processor=[decoder], **RUN)
     assert not decoder._branch.fused
-    separate = model.generate(**inputs, logits_processor=[make()], **RUN, **extra)
+    separate = model.generate(**inputs, logits_processor=[_LongerContrast(model, inputs)], **RUN)
     assert_same_generation(fused, separate)

@@ -27,7 +27,6 @@ other's hooks. Attaching and detaching is not thread-safe for one model: do not 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -168,7 +167,7 @@ class SequenceState:
     image_mask: torch.Tensor
     #: Started by veridical itself (see :func:`auxiliary_forwards`), not by the caller's generate().
     auxiliary: bool = False
-    #: Per-method data decided at prefill, keyed by the hook object.
+    #: Per-method data decided at prefill, keyed by :attr:`AttentionHook.store_key`.
     store: dict[Any, Any] = field(default_factory=dict)
 
     @cached_property
@@ -179,6 +178,10 @@ class SequenceState:
 
 #: Attribute of a KV cache that holds several sequences' rows (see :mod:`veridical.fusion`).
 SEGMENTS = "_veridical_segments"
+#: Attribute of a KV cache that holds its :class:`SequenceState`. An attribute, not a dictionary keyed
+#: by the cache: under ``torch.compile`` a lookup keyed by the cache object guards on that object, so
+#: every ``generate()`` call (a new cache) would recompile the decoding step.
+SEQUENCE = "_veridical_sequence"
 
 
 @dataclass
@@ -256,6 +259,18 @@ class AttentionHook:
     layers: Collection[int] | None = None
     needs_weights: bool = True
     observes_layer_inputs: bool = False
+    _store_key: Any = None
+
+    @property
+    def store_key(self) -> Any:
+        """This hook's key in :attr:`SequenceState.store`.
+
+        While attached: its class name and how many hooks of that class the model had before it, the
+        same in every ``generate()`` call with the same methods. A compiled decoding step guards on
+        the store's keys; keyed by the hook object itself, every call (a new method object) would
+        recompile it. Detached (a hook used by hand): the hook itself.
+        """
+        return self if self._store_key is None else self._store_key
 
     def edit_logits(self, module: nn.Module, logits: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         return logits
@@ -378,7 +393,8 @@ class _InterceptionState:
         self.handles: list[Any] = []
         self.pending_ids: torch.Tensor | None = None
         self.current: ForwardContext | None = None
-        self.sequences: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        #: Class names of the hooks attached so far (see :attr:`AttentionHook.store_key`).
+        self.attached_types: list[str] = []
 
     # -- torch hooks that track which sequence each forward belongs to --------------------------
     def on_embed(self, module: nn.Module, args: tuple) -> None:
@@ -400,15 +416,14 @@ class _InterceptionState:
         if new is None:
             new = input_ids
         rows, length = int(new.shape[0]), int(new.shape[1])
-        sequence = self.sequences.get(cache) if (cache is not None and past > 0) else None
+        sequence = getattr(cache, SEQUENCE, None) if (cache is not None and past > 0) else None
         if sequence is None:
             if input_ids is not None and past == 0:
                 image_mask = self.adapter.image_mask(input_ids)
             else:  # embeddings passed in directly, or a cache built outside: no known image tokens
                 image_mask = torch.zeros(rows, past + length, dtype=torch.bool, device=new.device)
             sequence = SequenceState(image_mask=image_mask, auxiliary=in_auxiliary_forward())
-        mask = kwargs.get("attention_mask")
-        valid = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+        valid = _valid_keys(kwargs.get("attention_mask"))
         self.current = ForwardContext(
             sequence=sequence,
             past=past,
@@ -445,9 +460,13 @@ class _InterceptionState:
 
     def on_text_model_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = output_cache(output)
-        if cache is not None and self.current is not None:
-            self.sequences[cache] = self.current.sequence
-        self.current = None
+        context, self.current = self.current, None
+        # Set at prefill (a static cache may be reused by the next generate() call) or for a cache
+        # first seen here; a decoding step finds it set and leaves it, so a compiled step has no
+        # side effect to replay.
+        if cache is not None and context is not None:
+            if context.is_prefill or getattr(cache, SEQUENCE, None) is None:
+                setattr(cache, SEQUENCE, context.sequence)
 
     def on_layer(self, layer_idx: int, hooks: tuple[AttentionHook, ...]):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -465,15 +484,36 @@ class _InterceptionState:
 def sequence_of(model: nn.Module, cache: Any) -> SequenceState | None:
     """What the hooks on ``model`` know of the sequence held in ``cache`` (``None``: no hooks)."""
     state: _InterceptionState | None = getattr(model, _STATE, None)
-    return None if state is None or cache is None else state.sequences.get(cache)
+    return None if state is None or cache is None else getattr(cache, SEQUENCE, None)
 
 
 def share_sequence(model: nn.Module, source: Any, copy: Any) -> None:
     """Let the hooks on ``model`` treat ``copy`` (a copy of the KV cache ``source``, rows repeated
     or reordered within a prompt) as the same sequence: same image positions, same prefill store."""
     state: _InterceptionState | None = getattr(model, _STATE, None)
-    if state is not None and source in state.sequences:
-        state.sequences[copy] = state.sequences[source]
+    sequence = getattr(source, SEQUENCE, None)
+    if state is not None and sequence is not None:
+        setattr(copy, SEQUENCE, sequence)
+
+
+def _valid_keys(mask: Any) -> torch.Tensor | None:
+    """``(rows, keys)``: key columns that are real tokens, from the decoder's attention mask.
+
+    ``generate()`` passes the 2D padding mask, or, with a static cache (compiled decoding), the 4D
+    mask it builds itself ``(rows, 1, queries, keys)`` over every cache column (a dictionary of them
+    for models with several attention kinds). The last query of a row sees every real key column
+    there is so far: its row of the 4D mask is the padding mask, over the static cache's columns.
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention")
+    if not torch.is_tensor(mask):
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() == 4:
+        last = mask[:, 0, -1, :]
+        return last if last.dtype == torch.bool else last == 0
+    return None
 
 
 def _current_context(module: nn.Module) -> ForwardContext:
@@ -513,6 +553,9 @@ def intercept_attention(model: nn.Module, *hooks: AttentionHook) -> Iterator[Non
     layer_handles = []
     try:
         for hook in hooks:
+            name = type(hook).__qualname__
+            hook._store_key = (name, state.attached_types.count(name))
+            state.attached_types.append(name)
             for idx, module in enumerate(modules):
                 if hook.layers is None or idx in hook.layers:
                     setattr(module, _HOOKS, (*getattr(module, _HOOKS, ()), hook))
@@ -535,6 +578,8 @@ def intercept_attention(model: nn.Module, *hooks: AttentionHook) -> Iterator[Non
             else:
                 delattr(module, _HOOKS)
                 delattr(module, _STATE)
+        for hook in hooks:
+            hook._store_key = None
         state.active -= 1
         if state.active == 0:
             for handle in state.handles:

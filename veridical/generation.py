@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from veridical.adapters import Inputs, check_generate_inputs
 from veridical.decoders.contrastive import ContrastiveDecoder
@@ -17,7 +17,12 @@ from veridical.registry import MethodSpec, build_method, validate_spec
 
 
 def generate(
-    model: nn.Module, inputs: Inputs, methods: Sequence[MethodSpec] = (), **generate_kwargs: Any
+    model: nn.Module,
+    inputs: Inputs,
+    methods: Sequence[MethodSpec] = (),
+    *,
+    compile: bool = False,
+    **generate_kwargs: Any,
 ) -> Any:
     """``model.generate(**inputs, **generate_kwargs)`` with ``methods`` applied.
 
@@ -29,7 +34,14 @@ def generate(
     Every call, ``methods=[]`` included, refuses (:class:`~veridical.errors.InputError`) an empty
     batch, right-padded rows and image tokens that do not match the images; every method spec is
     checked (:func:`~veridical.registry.validate_spec`) before any method is built.
+
+    ``compile=True`` decodes with a static cache and transformers' compiled decoding step (on any
+    device, CPU included): the prefill stays eager, each decode step replays one graph. A
+    ``cache_implementation`` or ``compile_config`` the caller passes wins.
     """
+    if compile:
+        generate_kwargs.setdefault("cache_implementation", "static")
+        generate_kwargs.setdefault("compile_config", compile_everywhere())
     methods = _method_list(methods)
     check_generate_inputs(model, inputs)
     if not methods:
@@ -75,6 +87,15 @@ def check_stack(
     if loops:
         loops[0].check_generation(processors, **generate_kwargs)
     return loops, processors
+
+
+def compile_everywhere() -> CompileConfig:
+    """A one-graph compile configuration that generate() also applies off CUDA (transformers compiles
+    the decoding step only on CUDA unless ``_compile_all_devices`` is set: generation/utils.py,
+    ``_valid_auto_compile_criteria``)."""
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True
+    return config
 
 
 def _method_list(methods: Any) -> list[MethodSpec]:

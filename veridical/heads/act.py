@@ -171,9 +171,13 @@ class ACT(HeadMethod):
         heads = self.heads.get(layer)
         if not heads or self.scale == 1:
             return weights
-        store = context.sequence.store.setdefault(self, {})
+        store = context.sequence.store.setdefault(self.store_key, {})
         if context.is_prefill:
-            store[layer] = sink_columns(weights[:, heads], context.valid_keys, self.threshold)
+            # A static cache (compiled decoding) hands the prefill all its columns, the prompt's first:
+            # the sinks are found on the square prompt map.
+            tokens = weights.shape[2]
+            valid = None if context.valid_keys is None else context.valid_keys[:, :tokens]
+            store[layer] = sink_columns(weights[:, heads, :, :tokens], valid, self.threshold)
         sinks = store.get(layer)
         if sinks is None:
             return weights

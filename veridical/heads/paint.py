@@ -165,9 +165,10 @@ class PAINT(PAI):
 
     def key_weights(self, context: ForwardContext, keys: int) -> torch.Tensor:
         store = context.sequence.store
-        if self not in store:  # once per sequence: image tokens stay put, generated ones get nothing
-            store[self] = self._scatter(context.image_keys(keys))
-        return fit_keys(context.per_row(store[self]), keys)
+        key = self.store_key
+        if key not in store:  # once per sequence: image tokens stay put, generated ones get nothing
+            store[key] = self._scatter(context.image_keys(keys))
+        return fit_keys(context.per_row(store[key]), keys)
 
     def _scatter(self, image_keys: torch.Tensor) -> torch.Tensor:
         """Each row's token weights onto its image positions (rows of another layout get none)."""

@@ -150,14 +150,19 @@ class VAR(HeadMethod):
             sinks = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         # Padding may pass the threshold too; real queries never attend to it, so it changes nothing.
         image = context.image_keys(hidden.shape[1]).to(sinks.device)
-        # Decided once here (a GPU sync) rather than at every layer and step: no image sink, no edit.
-        context.sequence.store.setdefault(self, {})[layer_idx] = sinks if (sinks & image).any() else None
+        store = context.sequence.store.setdefault(self.store_key, {})
+        # Always a tensor: a compiled decoding step runs the same graph for every batch, and its
+        # ``has_image_sink`` term leaves a layer without image sinks as it is. Eager decoding skips
+        # such a layer, asked once here (a GPU sync) rather than at every layer and step.
+        store[layer_idx] = sinks
+        store["edited", layer_idx] = bool((sinks & image).any())
 
     def sinks(self, layer: int, context: ForwardContext, keys: int) -> torch.Tensor | None:
         """``(rows, keys)`` sink columns of ``layer`` for this forward; ``None`` before any prefill or
-        when no image token is a sink."""
-        sinks = context.sequence.store.get(self, {}).get(layer)
-        if sinks is None:
+        (eager only) when no image token is a sink."""
+        store = context.sequence.store.get(self.store_key, {})
+        sinks = store.get(layer)
+        if sinks is None or not (torch.compiler.is_compiling() or store["edited", layer]):
             return None
         return fit_keys(context.per_row(sinks), keys)
 
