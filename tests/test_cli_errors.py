@@ -7,6 +7,7 @@ or printed argparse's two-line usage before this was fixed.
 import pytest
 
 from tests.test_eval_cli import pope_args
+from tests.test_run_folder import one_error_line
 from veridical.cli import main
 
 
@@ -16,14 +17,6 @@ def run(argv) -> int:
     except SystemExit as exit_:  # argparse's own exits (--help, usage errors)
         code = exit_.code
     return code
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("veridical:")]
-    assert len(lines) == 1 and lines[0].startswith("veridical: error:"), err
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -50,7 +43,7 @@ def error_line(capsys) -> str:
 def test_bad_eval_options_give_one_line_and_no_folder(model_dir, dataset, tmp_path, capsys, extra, named):
     out = tmp_path / "run"
     assert run(pope_args(model_dir, dataset, out, *extra)) == 2
-    assert named in error_line(capsys)
+    assert named in one_error_line(capsys)
     assert not out.exists()
 
 
@@ -58,12 +51,12 @@ def test_an_output_under_a_file_is_refused_before_the_model_loads(model_dir, dat
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert run(pope_args(model_dir, dataset, blocker / "run")) == 2
-    assert "is a file" in error_line(capsys)
+    assert "is a file" in one_error_line(capsys)
 
 
 def test_a_model_that_cannot_be_loaded_offline_says_how_to_get_it(dataset, tmp_path, capsys):
     assert run(pope_args("nonexistent-org/no-such-model", dataset, tmp_path / "o")) == 2
-    line = error_line(capsys)
+    line = one_error_line(capsys)
     assert "nonexistent-org/no-such-model" in line and "download" in line
 
 
@@ -73,14 +66,14 @@ def test_a_negative_bootstrap_is_refused(tmp_path, capsys):
     gt = tmp_path / "gt.json"
     gt.write_text('{"1": ["dog"]}')
     assert run(["score", "chair", str(captions), "--gt", str(gt), "--bootstrap", "-1"]) == 2
-    assert "--bootstrap: must be an integer >= 0, got -1" in error_line(capsys)
+    assert "--bootstrap: must be an integer >= 0, got -1" in one_error_line(capsys)
 
 
 def test_usage_mistakes_are_one_line_too(capsys):
     assert run(["eval"]) == 2
-    assert "the following arguments are required" in error_line(capsys)
+    assert "the following arguments are required" in one_error_line(capsys)
     assert run(["nonesuch"]) == 2
-    assert "invalid choice" in error_line(capsys)
+    assert "invalid choice" in one_error_line(capsys)
 
 
 def test_version(capsys):
