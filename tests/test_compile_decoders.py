@@ -157,3 +157,37 @@ def test_model_gets_its_own_forward_back_when_generation_raises(llava):
         )
     assert "forward" not in vars(model)
     assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[0] == 2
+
+
+def test_beam_search_reorders_the_branch_rows_of_a_static_cache(llava):
+    """Beam search on a static cache: the branch's beam rows sit below the main ones in one cache and
+    must follow every reorder of the main beams (in place, the buffers a compiled step would hold).
+    transformers' beam search itself runs eagerly (``_beam_search`` calls ``self(...)``, never the
+    compiled call: generation/utils.py), so the expectation is the dynamic-cache beam search."""
+    model, _, inputs = llava
+    spec = [{"name": "vcd", "contrast": "blank"}]
+    beams = {**RUN, "num_beams": 3}
+    decoder = VCD(model, inputs, contrast="blank")
+    with decoder:
+        static = model.generate(**inputs, logits_processor=[decoder], **beams, cache_implementation="static")
+    assert decoder._branch.fused
+    assert_same(static, veridical.generate(model, inputs, spec, **beams))
+
+
+def test_sampling_draws_the_eager_tokens_from_the_compiled_step(llava):
+    """Sampling after the fused two-branch step: the same seed draws the same tokens as eager decoding
+    (VCD's noise is drawn once, at prefill, on the host)."""
+    model, _, inputs = llava
+    sample = {**RUN, "do_sample": True, "top_k": 0}
+    spec = [{"name": "vcd", "noise_step": 500}]
+    torch.manual_seed(3)
+    eager = veridical.generate(model, inputs, spec, **sample)
+    fresh_dynamo()
+    config = CompileConfig(fullgraph=True, backend="eager", mode=None)  # the capture, without a C++ build
+    config._compile_all_devices = True
+    torch.manual_seed(3)
+    compiled = veridical.generate(
+        model, inputs, spec, **sample, cache_implementation="static", compile_config=config
+    )
+    assert compile_counts() == (1, {})
+    assert_same(compiled, eager)

@@ -225,15 +225,20 @@ class ForwardContext:
     def image_keys(self, keys: int) -> torch.Tensor:
         """``(rows, keys)`` boolean: key columns that hold image tokens (generated tokens never do)."""
         return self.once(
-            ("image_keys", keys), lambda: fit_keys(expand_rows(self.sequence.image_mask, self.rows), keys)
+            "image_keys", lambda: fit_keys(expand_rows(self.sequence.image_mask, self.rows), keys), keys
         )
 
-    def once(self, key: Any, compute: Callable[[], Any]) -> Any:
+    def once(self, key: Any, compute: Callable[[], Any], keys: int | None = None) -> Any:
         """``compute()`` the first time ``key`` is asked in this forward: every hooked layer of a
-        forward shares what only depends on the forward (image columns, per-key weights)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+        forward shares what only depends on the forward (image columns, per-key weights).
+
+        A tensor over key columns passes ``keys``: it is recomputed for a layer with another key count.
+        The count is compared, never part of ``key``: under ``torch.compile`` hashing it would fix the
+        cache length into the graph, and every prompt length would compile a new one."""
+        found = self._memo.get(key)
+        if found is None or (keys is not None and found.shape[-1] != keys):
+            found = self._memo[key] = compute()
+        return found
 
     def query_positions(self, queries: int, device: torch.device) -> torch.Tensor:
         """Column index of each query of this forward."""

@@ -37,21 +37,22 @@ def generate(
 
     ``compile=True`` decodes with a static cache and transformers' compiled decoding step (on any
     device, CPU included): the prefill stays eager, each decode step replays one graph. A
-    ``cache_implementation`` or ``compile_config`` the caller passes wins.
+    ``cache_implementation`` or ``compile_config`` the caller passes wins. A method that runs its own
+    generation loop (OPERA) runs it eagerly: its rollback re-decodes from an earlier position and its
+    look-ahead forwards take a different set of rows at each step, which one fixed graph cannot replay.
     """
-    if compile:
-        generate_kwargs.setdefault("cache_implementation", "static")
-        generate_kwargs.setdefault("compile_config", compile_everywhere())
     methods = _method_list(methods)
     check_generate_inputs(model, inputs)
     if not methods:
-        return model.generate(**inputs, **generate_kwargs)
+        return model.generate(**inputs, **_compiled(generate_kwargs, compile))
     for spec in methods:
         if isinstance(spec, (str, Mapping)):
             validate_spec(spec)
     built = [build_method(spec, model, inputs) for spec in methods]
     caller = generate_kwargs.pop("logits_processor", None)
     loops, processors = check_stack(built, generate_kwargs, caller)
+    if not loops:
+        generate_kwargs = _compiled(generate_kwargs, compile)
     with ExitStack() as stack:
         for method in built:
             if not isinstance(method, LogitsProcessor) and method not in loops:
@@ -87,6 +88,14 @@ def check_stack(
     if loops:
         loops[0].check_generation(processors, **generate_kwargs)
     return loops, processors
+
+
+def _compiled(generate_kwargs: dict[str, Any], compile: bool) -> dict[str, Any]:
+    """``generate_kwargs`` with a static cache and :func:`compile_everywhere` when ``compile``."""
+    if compile:
+        generate_kwargs.setdefault("cache_implementation", "static")
+        generate_kwargs.setdefault("compile_config", compile_everywhere())
+    return generate_kwargs
 
 
 def compile_everywhere() -> CompileConfig:

@@ -298,6 +298,11 @@ class OPERA:
         config.update(**kwargs)
         if config.do_sample:
             raise MethodSpecError("OPERA is a beam search: pass do_sample=False")
+        if kwargs.get("cache_implementation") is not None or kwargs.get("compile_config") is not None:
+            raise MethodSpecError(
+                "OPERA runs its own eager beam loop with its own cache: drop cache_implementation and "
+                "compile_config (veridical.generate(..., compile=True) runs OPERA eagerly)"
+            )
         if (config.num_return_sequences or 1) != 1:
             raise MethodSpecError("OPERA returns one sequence per prompt (num_return_sequences=1)")
         processors = LogitsProcessorList(logits_processor or [])

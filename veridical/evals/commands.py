@@ -101,6 +101,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=nonnegative_int, default=0)
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ev.add_argument(
         "--output", help="output folder (default: runs/<benchmark>-<model>-<methods>[-<protocol>])"
     )
@@ -186,7 +187,14 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check each cell as its run would (model loaded, methods built on the first batch); run nothing",
     )
+    sweep.add_argument("--compile", action="store_true", help=COMPILE_HELP + " in every cell")
     sweep.set_defaults(run=sweep_command)
+
+
+COMPILE_HELP = (
+    "decode with a static cache and a compiled decoding step (the same tokens; OPERA stays eager); "
+    "the first batches pay for compilation"
+)
 
 
 def positive_int(text: str) -> int:
@@ -427,6 +435,7 @@ def plan_eval(args: argparse.Namespace) -> EvalPlan:
         args.seed,
         prompt=run.prompt,
         protocol=run.record,
+        compile=args.compile,
     )
     status = prepare_output(config, output, args.overwrite)
     check_methods(config, model, processor, samples)
@@ -434,7 +443,7 @@ def plan_eval(args: argparse.Namespace) -> EvalPlan:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from veridical.evals.runner import run_eval
+    from veridical.evals.runner import compiles, run_eval
 
     plan = plan_eval(args)
     record = plan.config.protocol or {}
@@ -445,6 +454,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
         f"{overridden}, generation {plan.config.generation} -> {plan.output}"
         + what.get(plan.status, " (overwriting)")
     )
+    if args.compile:
+        print(
+            "compiled decoding: static cache, one compiled graph per decoding step"
+            if compiles(plan.config)
+            else "compiled decoding not used: OPERA runs its own eager beam loop"
+        )
     if args.dry_run:
         print("dry run: every setting checked and the methods built on the first batch; nothing written")
         return 0
@@ -498,7 +513,7 @@ def protocols_command(args: argparse.Namespace) -> int:
 def sweep_command(args: argparse.Namespace) -> int:
     from veridical.evals.sweep import failed_cells, run_sweep
 
-    rows = run_sweep(args.config, args.output, dry_run=args.dry_run)
+    rows = run_sweep(args.config, args.output, dry_run=args.dry_run, compile=args.compile)
     return 1 if failed_cells(rows) else 0
 
 

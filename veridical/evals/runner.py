@@ -74,6 +74,10 @@ class EvalConfig:
     prompt: dict[str, str] = field(default_factory=dict)
     #: The protocol record written to ``results.json`` (``protocols.resolve_run``); None: not recorded.
     protocol: dict[str, Any] | None = None
+    #: Decode with a static cache and a compiled step (``veridical.generate(compile=True)``). How the
+    #: tokens are computed, not which: it is not part of :meth:`identity` (a run may resume with or
+    #: without it, as across machines), and every part of the run records whether it compiled.
+    compile: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What must match for a re-run to resume an output folder: the full resolved setting.
@@ -127,6 +131,16 @@ def batch_dependent(generation: dict[str, Any], methods: Sequence[Any]) -> bool:
         if draws is not None and draws(spec):
             return True
     return False
+
+
+def compiles(config: EvalConfig) -> bool:
+    """Whether the run's decoding steps are compiled: asked for, and no method runs its own loop (OPERA's
+    beam loop stays eager, see :func:`veridical.generate`)."""
+    if not config.compile:
+        return False
+    return not any(
+        hasattr(method_class(spec["name"]), "custom_generate") for spec in resolved_methods(config.methods)
+    )
 
 
 def method_name(spec: Any) -> str:
@@ -253,7 +267,7 @@ def run_eval(
         batches = [indexed[i : i + config.batch_size] for i in range(0, len(indexed), config.batch_size)]
         pending = [b for b in batches if any(s.sample_id not in done for _, s in b)]
         with state.split_between_processes(pending) as mine:
-            part = _Part(state.process_index)
+            part = _Part(state.process_index, compiled=compiles(config))
             try:
                 _generate(
                     config,
@@ -296,6 +310,7 @@ def run_eval(
             "num_samples": len(samples),
             "seed": config.seed,
             "batch_size": config.batch_size,
+            "compile": config.compile,
             "processes": state.num_processes,
             "run": run_summary(out),
             "versions": _versions(),
@@ -321,6 +336,7 @@ class _Part:
     """
 
     rank: int
+    compiled: bool = False
     started: float = field(default_factory=time.time)
     wall_time_s: float = 0.0
     generated_tokens: int = 0
@@ -387,7 +403,9 @@ def _generate(
             # Seeding by the first sample's position makes sampling independent of the process split.
             torch.manual_seed(config.seed + batch[0][0])
             with torch.no_grad():
-                sequences = veridical.generate(model, inputs, methods=config.methods, **config.generation)
+                sequences = veridical.generate(
+                    model, inputs, methods=config.methods, compile=config.compile, **config.generation
+                )
             generated = sequences[:, inputs["input_ids"].shape[1] :]
             texts = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
             new_records = [

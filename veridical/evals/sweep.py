@@ -15,6 +15,7 @@ protocol: vcd                        # an official script's prompt and decoding 
 generation: {max_new_tokens: 64}     # overrides every cell's generation settings (and the protocol's)
 batch_size: 8
 seed: 0
+compile: false                       # true: static cache and compiled decoding steps (as --compile)
 ```
 
 Everything is validated before the first forward pass (unknown keys, methods or hyper-parameters are
@@ -53,6 +54,7 @@ TOP_KEYS = {
     "device",
     "rule",
     "protocol",
+    "compile",
 }
 BENCHMARK_KEYS = {
     "pope": {"images", "questions", "pope_set", "hf_dataset", "hf_split", "hf_category", "limit"},
@@ -115,6 +117,8 @@ def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     unknown = set(raw) - TOP_KEYS - {"__line__"}
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
+    if not isinstance(raw.get("compile", False), bool):
+        raise SweepError(f"{path}: 'compile' must be true or false, got {raw['compile']!r}")
     for key in ("models", "benchmarks", "methods"):
         if key not in raw:
             raise SweepError(f"{path}: missing {key!r}")
@@ -222,22 +226,25 @@ def cell_argv(settings: dict[str, Any], cell: Cell, output: Path) -> list[str]:
     for key in ("batch_size", "seed", "dtype", "device", "rule"):
         if key in settings and not (key == "rule" and cell.benchmark != "pope"):
             argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    if settings.get("compile"):
+        argv.append("--compile")
     for key, value in (settings.get("generation") or {}).items():
         argv += ["--gen", f"{key}={json.dumps(value)}"]
     return argv
 
 
 def run_sweep(
-    path: str | Path, output: str | Path | None = None, dry_run: bool = False
+    path: str | Path, output: str | Path | None = None, dry_run: bool = False, compile: bool = False
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell, then write the summary; returns one row per cell.
 
     A cell that fails (a setting its model refuses, missing data, ...) does not stop the others: its
     row says ``failed`` with the reason, and :func:`failed_cells` counts them for the exit status.
     ``dry_run`` checks every cell as its run would (model loaded, methods built on the first batch)
-    and writes nothing.
+    and writes nothing. ``compile`` compiles every cell's decoding (as the file's ``compile: true``).
     """
     settings, cells = load_sweep(path)
+    settings["compile"] = bool(settings.get("compile")) or compile
     root = Path(output or settings.get("output") or Path("runs") / "sweeps" / settings["name"])
     print(f"sweep {settings['name']}: {len(cells)} cells -> {root}" + (" (dry run)" if dry_run else ""))
     failures: dict[str, str] = {}

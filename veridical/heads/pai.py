@@ -126,7 +126,7 @@ class PAI(HeadMethod):
             return logits
         keys = logits.shape[-1]
         weights = context.once(  # (rows, 1, 1, keys), the same in every layer of this forward
-            (self, keys), lambda: self.key_weights(context, keys).to(logits.device)[:, None, None, :]
+            self, lambda: self.key_weights(context, keys).to(logits.device)[:, None, None, :], keys
         )
         per_head = self.head_weights(module.layer_idx, context)
         if per_head is not None:
