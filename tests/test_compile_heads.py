@@ -34,7 +34,7 @@ METHODS = [
     pytest.param("pai", id="pai"),
     pytest.param(VAR_SPEC, id="var"),
     pytest.param("act", id="act"),
-    *(pytest.param(m, id=m, marks=pytest.mark.slow) for m in ("vanilla", "paint", "vhr", "vista")),
+    *(pytest.param(m, id=m, marks=pytest.mark.slow) for m in ("vanilla", "paint", "vhr", "vista", "vaf")),
 ]
 NEW_TOKENS = 6
 

@@ -121,7 +121,7 @@ def pai_model_full(pai_model):
 # -- the oracle: one decoder layer re-run by hand ---------------------------------------------------
 
 
-def rerun_layer(model, layer: int, x, position_ids, valid, boost=None):
+def rerun_layer(model, layer: int, x, position_ids, valid, boost=None, scale=None):
     """Decoder layer ``layer`` of transformers' LLaMA on inputs ``x`` ``(B, T, hidden)``, from its own
     modules, with eager attention written out (causal + padding mask, float32 softmax).
 
@@ -129,6 +129,9 @@ def rerun_layer(model, layer: int, x, position_ids, valid, boost=None):
     (LALBJ/PAI attention.py lines 90-94; hasanar1f/PAINT modPAI/attention.py lines 139-147), zero
     outside the rows the official code edits. Each query row is computed from its own scores only, so
     the prefill's and every decoding step's rows are checked in one pass over the whole sequence.
+
+    ``scale`` ``(B, 1, T, T)``: VAF's product of the raw scores before the mask is added
+    (ustc-hyin/ClearSight visaug/inference/AttnAdapter.py lines 68-78, mask at lines 87-92).
     """
     lm = model.model.language_model
     block = lm.layers[layer]
@@ -143,6 +146,8 @@ def rerun_layer(model, layer: int, x, position_ids, valid, boost=None):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = q @ k.transpose(-1, -2) * attn.scaling
+    if scale is not None:
+        scores = scores * scale
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     if boost is not None:
@@ -154,11 +159,12 @@ def rerun_layer(model, layer: int, x, position_ids, valid, boost=None):
     return lm.norm(y) if layer == len(lm.layers) - 1 else y  # transformers' last hidden state is normed
 
 
-def check_every_layer_and_step(model, inputs, out, boost_of=lambda layer: None):
+def check_every_layer_and_step(model, inputs, out, boost_of=lambda layer: None, scale_of=lambda layer: None):
     """Each layer's output at every prompt position (prefill) and at each generated token (decoding
     steps) equals the hand re-run of that layer on the same run's own layer inputs.
 
-    ``boost_of(layer)``: ``(B, heads, T, T)`` boost of the whole sequence's scores, or ``None``.
+    ``boost_of(layer)``: ``(B, heads, T, T)`` boost of the whole sequence's scores, or ``None``;
+    ``scale_of(layer)``: ``(B, 1, T, T)`` product of the raw scores, or ``None``.
     """
     mask = inputs["attention_mask"]
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], NEW_TOKENS - 1, dtype=mask.dtype)], dim=1)
@@ -168,7 +174,9 @@ def check_every_layer_and_step(model, inputs, out, boost_of=lambda layer: None):
     states = [torch.cat([step[i] for step in out.hidden_states], dim=1) for i in range(DEPTH + 1)]
     for layer in range(DEPTH):
         with torch.no_grad():
-            want = rerun_layer(model, layer, states[layer], position_ids, valid, boost_of(layer))
+            want = rerun_layer(
+                model, layer, states[layer], position_ids, valid, boost_of(layer), scale_of(layer)
+            )
         torch.testing.assert_close(
             states[layer + 1][valid],
             want[valid],

@@ -97,6 +97,8 @@ GENERATION = {
     ("paint", "chair"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 512},
     # VAR A_exps/lv1.5_7b.yml:17 (128 tokens), src/inference.py:132 (greedy).
     ("var", "pope"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 128},
+    # ClearSight visaug/inference/infer_pope.py:91-96: max_new_tokens=1024, no sampling or beam argument.
+    ("vaf", "pope"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 1024},
     # veridical's default (the README's documented one): greedy, 128 / 512 tokens.
     ("default", "pope"): {"do_sample": False, "max_new_tokens": 128},
     ("default", "chair"): {"do_sample": False, "max_new_tokens": 512},
@@ -115,6 +117,8 @@ PROMPTS = {
     ("pai", "chair"): opera_style,
     ("paint", "chair"): opera_style,
     ("var", "pope"): lambda q: conv_v1(USER, q),  # VAR A_exps/lv1.5_7b.yml:9 vicuna_v1, inference.py:105
+    # ClearSight infer_pope.py:37 (--conv-mode vicuna_v1), :70 (the suffix).
+    ("vaf", "pope"): lambda q: conv_v1(USER, q + " Please just answer yes or no."),
 }
 
 #: (protocol, benchmark) -> the CHAIR request.
@@ -135,6 +139,8 @@ RULES = {
     ("avisc", "pope"): "opera",  # AvisC pope_eval_llavab.py:131-142, OPERA's recorder
     ("pai", "pope"): "opera",  # PAI pope_ans.py:11-24
     ("var", "pope"): "llava",  # VAR src/eval/quick_eval_pope.py:23-35, LLaVA's rule
+    # ClearSight visaug/inference/eval_pope.py:24-33: 'yes' in a yes answer, 'no' or 'not' in a no one.
+    ("vaf", "pope"): "vcd",
     ("default", "pope"): "llava",
 }
 
@@ -162,6 +168,8 @@ METHODS = {
     },
     # VAR A_exps/lv1.5_7b.yml:12-15.
     ("var", "pope", "var"): {"tau": 20.0, "rho": 0.5, "p": 0.6, "summ": 0.2},
+    # ClearSight visaug/inference/infer_pope.sh:7-8 (--enh-para 1.15 --sup-para 0.95).
+    ("vaf", "pope", "vaf"): {"enhance": 1.15, "suppress": 0.95},
 }
 
 
@@ -309,6 +317,7 @@ def test_the_model_receives_the_scripts_prompt(protocol, benchmark, tiny_models,
     ids = processor(images=[sample.load_image()], text=[expected], return_tensors="pt")["input_ids"]
     assert calls[0]["inputs"]["input_ids"].tolist() == ids.tolist()
     generation = dict(calls[0]["kwargs"])
+    assert generation.pop("compile") is False  # how the steps run, not a protocol setting
     assert generation == GENERATION[protocol, benchmark]
     assert results["protocol"]["name"] == protocol and results["generation"] == generation
 
@@ -447,7 +456,7 @@ def test_a_default_run_records_the_default_protocol(model_dir, dataset, tmp_path
     [
         (
             "vdc",
-            "unknown protocol 'vdc'; known protocols: avisc, default, llava, opera, pai, paint, var, vcd, ",
+            "unknown protocol 'vdc'; known protocols: avisc, default, llava, opera, pai, paint, vaf, var, vcd, ",
         ),
         ("paint", "protocol 'paint' defines no pope setting"),
     ],

@@ -16,6 +16,7 @@ from veridical.heads.base import HeadMethod
 from veridical.heads.pai import PAI
 from veridical.heads.paint import PAINT
 from veridical.heads.sinks import detect_sink_dims
+from veridical.heads.vaf import VAF
 from veridical.heads.var import VAR
 from veridical.heads.vhr import VHR
 
@@ -23,6 +24,7 @@ __all__ = [
     "ACT",
     "PAI",
     "PAINT",
+    "VAF",
     "VAR",
     "VHR",
     "HeadMethod",

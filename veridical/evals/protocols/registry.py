@@ -31,6 +31,7 @@ AVISC = _Repo("sangminwoo/AvisC", "772eba4")
 PAI = _Repo("LALBJ/PAI", "9bbd8bd")
 PAINT = _Repo("hasanar1f/PAINT", "2a9e8f8")
 VAR = _Repo("seilk/VisAttnSink", "98e62d6")
+CLEARSIGHT = _Repo("ustc-hyin/ClearSight", "5466c94")
 
 #: transformers 4.x (which every script pins) samples with top-k 50 when ``top_k`` is not passed...
 _TOPK_4X = OPERA("transformers-4.29.2/src/transformers/generation/configuration_utils.py", 242)
@@ -551,6 +552,46 @@ VAR_PROTOCOL = Protocol(
     missing={"chair": "seilk/VisAttnSink ships no CHAIR evaluation"},
 )
 
+# -- VAF (ClearSight) ---------------------------------------------------------------------------------
+
+_VAF_INFER = "visaug/inference/infer_pope.py"
+_VAF_SH = "visaug/inference/infer_pope.sh"
+VAF_PROTOCOL = Protocol(
+    name="vaf",
+    title="VAF (Yin et al., CVPR 2025), visaug/inference/infer_pope.sh",
+    benchmarks={
+        "pope": BenchmarkProtocol(
+            {
+                "question_suffix": _set(" Please just answer yes or no.", CLEARSIGHT(_VAF_INFER, 70)),
+                "max_new_tokens": _set(1024, CLEARSIGHT(_VAF_INFER, 95)),
+                # generate() gets no sampling or beam argument: transformers 4.31's defaults (greedy,
+                # one beam) unless the checkpoint's generation_config.json says otherwise.
+                **_greedy(
+                    CLEARSIGHT(_VAF_INFER, "91-96") + " (no do_sample: transformers' default)",
+                    CLEARSIGHT(_VAF_INFER, "91-96") + " (no num_beams)",
+                ),
+                # 'yes' in the answer for a yes question; 'no' or 'not' (so 'no') for a no question:
+                # VCD's label-dependent rule.
+                "rule": _set("vcd", CLEARSIGHT("visaug/inference/eval_pope.py", "24-33")),
+                "vaf.enhance": _set(1.15, CLEARSIGHT(_VAF_SH, 7) + " (--enh-para)"),
+                "vaf.suppress": _set(0.95, CLEARSIGHT(_VAF_SH, 8) + " (--sup-para)"),
+            },
+            families={
+                "llava": {
+                    "template": _set(
+                        _VICUNA_V1,
+                        CLEARSIGHT(_VAF_INFER, "37, 75-80")
+                        + "; "
+                        + LLAVA("llava/conversation.py", "242-251"),
+                    )
+                }
+            },
+            notes=("One question per forward (batch 1) and no seed (greedy decoding).",),
+        )
+    },
+    missing={"chair": "ustc-hyin/ClearSight ships no CHAIR evaluation (POPE only)"},
+)
+
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
@@ -563,6 +604,7 @@ PROTOCOLS: dict[str, Protocol] = {
         PAI_PROTOCOL,
         PAINT_PROTOCOL,
         VAR_PROTOCOL,
+        VAF_PROTOCOL,
     )
 }
 #: Methods whose official code has no POPE or CHAIR script, and why (listed by ``veridical protocols``).
