@@ -67,7 +67,7 @@ def tiny_llava(batch: int, device: str):
 def world(batch: int, device: str):
     from veridical.evals.models import build_prompt, load_model
     from veridical.evals.samples import CHAIR_PROMPT
-    from veridical.evals.world.evaluate import WORLD_MODELS
+    from veridical.evals.world.shipped import WORLD_MODELS
     from veridical.evals.world.scenes import probe_scenes
 
     model, processor = load_model(str(WORLD_MODELS["world"]), "float32", device)

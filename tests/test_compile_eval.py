@@ -27,7 +27,7 @@ import veridical
 import veridical.generation
 from veridical.cli import main
 from veridical.errors import MethodSpecError
-from veridical.evals.sweep import SweepError, cell_argv, load_sweep
+from veridical.evals.sweep import SweepError, cell_request, load_sweep
 from veridical.tiny import tiny_inputs, tiny_model
 
 WORDS = "what is in this picture please tell me about the colors".split()
@@ -126,13 +126,13 @@ def test_sweep_compile_reaches_every_cell(tmp_path):
     head = "models: [m]\nbenchmarks: {pope: {questions: q.json}}\n"
     path.write_text(head + "methods: [[], vcd]\ncompile: true\n")
     settings, cells = load_sweep(path)
-    assert all("--compile" in cell_argv(settings, cell, tmp_path) for cell in cells)
+    assert all(cell_request(settings, cell, tmp_path).compile for cell in cells)
     path.write_text(head + "methods: [[]]\ncompile: yes please\n")
     with pytest.raises(SweepError, match="'compile' must be true or false"):
         load_sweep(path)
     path.write_text(head + "methods: [[]]\n")
     settings, cells = load_sweep(path)
-    assert "--compile" not in cell_argv(settings, cells[0], tmp_path)
+    assert not cell_request(settings, cells[0], tmp_path).compile
 
 
 def test_sweep_compile_flag_reaches_the_cells_runs(model_dir, dataset, tmp_path, capsys):

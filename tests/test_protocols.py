@@ -27,7 +27,7 @@ from veridical.evals.protocols import (
 )
 from veridical.evals.runner import EvalConfig, run_eval
 from veridical.evals.samples import chair_samples, pope_samples
-from veridical.evals.sweep import SweepError, cell_argv, load_sweep
+from veridical.evals.sweep import SweepError, cell_request, load_sweep
 
 # LLaVA-1.5 system messages: haotian-liu/LLaVA@c121f04 llava/conversation.py:242-251 (vicuna_v1, also
 # seilk/VisAttnSink@98e62d6 src/conversation.py:247-256 and the OPERA/VISTA/PAI/PAINT constants);
@@ -456,7 +456,8 @@ def test_a_default_run_records_the_default_protocol(model_dir, dataset, tmp_path
     [
         (
             "vdc",
-            "unknown protocol 'vdc'; known protocols: avisc, default, llava, opera, pai, paint, vaf, var, vcd, ",
+            "unknown protocol 'vdc'; known protocols: avisc, default, llava, opera, pai, paint, vaf, var, "
+            "vcd, ",
         ),
         ("paint", "protocol 'paint' defines no pope setting"),
     ],
@@ -495,8 +496,7 @@ def test_sweeps_accept_a_protocol_or_a_list(tmp_path):
         ("vcd", "m__pope__vanilla__vcd"),
         ("vcd", "m__pope__vcd__vcd"),
     ]
-    argv = cell_argv(settings, cells[3], tmp_path / "c")
-    assert argv[argv.index("--protocol") + 1] == "vcd"
+    assert cell_request(settings, cells[3], tmp_path / "c").protocol == "vcd"
     path.write_text("models: [m]\nbenchmarks: {chair: {images: x, gt: y}}\nmethods: [vcd]\nprotocol: vcd\n")
     with pytest.raises(SweepError, match="'vcd' defines no chair setting"):
         load_sweep(path)

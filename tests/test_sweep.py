@@ -125,3 +125,34 @@ def test_dry_run_checks_each_cell_against_its_model_and_writes_nothing(model_dir
     printed = capsys.readouterr().out
     assert "FAILED" in printed and "99" in printed and printed.count("dry run: every setting checked") == 2
     assert not out.exists()
+
+
+def test_the_command_line_and_a_bare_request_have_the_same_defaults():
+    """A sweep cell and ``veridical eval`` run the same function; options a cell leaves out must take
+    the command line's defaults."""
+    from veridical.cli import build_parser
+    from veridical.evals.commands import eval_request
+    from veridical.evals.request import EvalRequest
+
+    args = build_parser().parse_args(["eval", "pope", "--model", "m"])
+    assert eval_request(args) == EvalRequest("pope", "m")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("batch_size: 0", "batch_size must be a positive integer, got 0"),
+        ("seed: -1", "seed must be a non-negative integer, got -1"),
+        ("batch_size: true", "batch_size must be a positive integer, got True"),
+        ("rule: yesno", "rule must be one of"),
+    ],
+)
+def test_a_cell_with_a_bad_value_fails_with_one_line(model_dir, dataset, tmp_path, capsys, setting, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"models: [{model_dir}]\n"
+        f"benchmarks: {{pope: {{questions: {dataset / 'pope.json'}, images: {dataset}}}}}\n"
+        f"methods: [[]]\n{setting}\n"
+    )
+    assert main(["sweep", str(path), "--output", str(tmp_path / "out"), "--dry-run"]) == 1
+    assert message in capsys.readouterr().out

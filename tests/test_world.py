@@ -140,7 +140,7 @@ def test_training_record_names_versions_kernels_and_cpu(two_short_runs):
 
 
 def test_shipped_weights_match_their_training_record():
-    from veridical.evals.world.evaluate import WORLD_MODELS
+    from veridical.evals.world.shipped import WORLD_MODELS
 
     for name, folder in WORLD_MODELS.items():
         record = json.loads((folder / "training.json").read_text())
@@ -209,7 +209,7 @@ def test_shipped_checkpoint_reproduces_a_recorded_greedy_caption():
 def test_calibrate_act_command_writes_a_head_file_act_accepts(tmp_path, monkeypatch, capsys):
     from veridical.cli import main
     from veridical.evals.models import load_model
-    from veridical.evals.world.evaluate import WORLD_MODELS
+    from veridical.evals.world.shipped import WORLD_MODELS
     from veridical.heads import ACT, load_heads
 
     monkeypatch.chdir(tmp_path)

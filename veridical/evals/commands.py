@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from veridical.evals.pope import PARSERS
+from veridical.evals.request import EvalRequest
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -326,7 +327,7 @@ def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _samples(args: argparse.Namespace):
+def _samples(args: EvalRequest):
     from veridical.errors import VeridicalError
     from veridical.evals import samples as S
 
@@ -351,7 +352,7 @@ def _samples(args: argparse.Namespace):
     }
 
 
-def _resolve(args: argparse.Namespace, methods: list, family: str | None):
+def _resolve(args: EvalRequest, methods: list, family: str | None):
     """The protocol resolved with the user's explicit flags (which win, and are recorded)."""
     from veridical.evals.protocols import resolve_run
 
@@ -360,7 +361,7 @@ def _resolve(args: argparse.Namespace, methods: list, family: str | None):
         args.benchmark,
         family,
         methods,
-        generation=generation_overrides(args),
+        generation=args.generation,
         rule=args.rule,
         instruction=args.prompt,
         question_suffix=args.question_suffix,
@@ -384,11 +385,12 @@ class EvalPlan:
     status: str
 
 
-def plan_eval(args: argparse.Namespace) -> EvalPlan:
+def plan_eval(request: EvalRequest) -> EvalPlan:
     """Validate every setting of an eval, load the model and build its methods on the first batch.
 
     Nothing is written: a mistake found here leaves no folder behind to block the corrected run.
     """
+    args = request.check()
     from veridical.evals.chair import ChairScorer
     from veridical.evals.models import check_device, load_model
     from veridical.evals.pope import PopeScorer
@@ -396,10 +398,14 @@ def plan_eval(args: argparse.Namespace) -> EvalPlan:
     from veridical.evals.runner import EvalConfig, check_methods, prepare_output
     from veridical.evals.samples import chair_samples
     from veridical.evals.settings import check_generation
+    from veridical.registry import validate_spec
 
-    methods = parse_methods(args.method)
+    methods = list(args.methods)
+    for spec in methods:
+        if isinstance(spec, (str, dict)):
+            validate_spec(spec)
     protocol = check_protocol(args.protocol, args.benchmark)
-    check_generation(generation_overrides(args), source="--gen/generation flags")
+    check_generation(args.generation, source="the generation settings given")
     check_device(args.device)
     # What does not depend on the model family (request, parser) is resolved before the model loads,
     # so that bad data fail fast; the rest once the family is known.
@@ -443,9 +449,25 @@ def plan_eval(args: argparse.Namespace) -> EvalPlan:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
+    return run_eval_request(eval_request(args))
+
+
+def eval_request(args: argparse.Namespace) -> EvalRequest:
+    """The request of a ``veridical eval`` command line: its options, methods parsed, generation flags
+    and ``--gen`` values in one mapping."""
+    options = {f.name: getattr(args, f.name) for f in fields(EvalRequest) if hasattr(args, f.name)}
+    options["methods"] = parse_methods(args.method)
+    options["generation"] = generation_overrides(args)
+    options["progress"] = not args.no_progress
+    return EvalRequest(**options)
+
+
+def run_eval_request(request: EvalRequest) -> int:
+    """Plan, then run (or only check, for a dry run) one eval, printing what it does and its metrics."""
     from veridical.evals.runner import compiles, run_eval
 
-    plan = plan_eval(args)
+    args = request
+    plan = plan_eval(request)
     record = plan.config.protocol or {}
     overridden = f", overridden {sorted(record['overridden'])}" if record.get("overridden") else ""
     what = {"new": "", "resume": " (resuming)", "takeover": " (taking over a folder with no finished sample)"}
@@ -470,7 +492,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         plan.samples,
         plan.scorer,
         plan.output,
-        progress=not args.no_progress,
+        progress=args.progress,
         overwrite=args.overwrite,
     )
     if results is not None:
@@ -582,7 +604,8 @@ WORLD_CALIBRATION_SEED = 2000
 def calibrate_act_command(args: argparse.Namespace) -> int:
     from veridical.evals.calibration import pope_calibration_samples
     from veridical.evals.models import load_model
-    from veridical.evals.world.evaluate import WORLD_MODELS, write_world_data
+    from veridical.evals.world.evaluate import write_world_data
+    from veridical.evals.world.shipped import WORLD_MODELS, model_path
     from veridical.heads.act import calibrate_act_heads, save_heads
 
     questions, images = args.questions, args.images
@@ -597,7 +620,7 @@ def calibrate_act_command(args: argparse.Namespace) -> int:
         questions, images = data / "world_pope_random.json", data / "pope"
     elif images is None:
         raise SystemExit("calibrate-act: --images is required with --questions")
-    model, processor = load_model(str(WORLD_MODELS.get(args.model, args.model)), args.dtype, args.device)
+    model, processor = load_model(model_path(args.model), args.dtype, args.device)
     samples = pope_calibration_samples(model, processor, questions, images, args.samples, args.seed)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     heads = calibrate_act_heads(

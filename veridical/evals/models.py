@@ -11,6 +11,7 @@ from torch import nn
 
 from veridical.adapters import ADAPTERS, get_adapter
 from veridical.errors import VeridicalError
+from veridical.evals.world.shipped import model_path
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> 
     synthetic-world checkpoints); the processor pads on the left."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from veridical.evals.world.evaluate import WORLD_MODELS
-
-    name_or_path = str(WORLD_MODELS.get(name_or_path, name_or_path))
+    name_or_path = model_path(name_or_path)
     if dtype not in DTYPES:
         raise VeridicalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)

@@ -114,7 +114,7 @@ PATH_KEYS = frozenset({"questions", "images", "gt", "coco_annotations", "synonym
 
 def model_identity(model: str) -> str:
     """A hub id or a shipped model name as given; a local folder as its resolved path."""
-    from veridical.evals.world.evaluate import WORLD_MODELS
+    from veridical.evals.world.shipped import WORLD_MODELS
 
     if model in WORLD_MODELS or not Path(model).exists():
         return model

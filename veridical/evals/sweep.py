@@ -39,6 +39,7 @@ import yaml
 
 from veridical.errors import MethodSpecError, VeridicalError
 from veridical.evals.protocols import ProtocolError, check_protocol
+from veridical.evals.request import EvalRequest
 from veridical.evals.runner import stack_label
 
 TOP_KEYS = {
@@ -214,23 +215,24 @@ def _cell_name(model: str, bench: str, stack: Sequence[Any], protocol: str | Non
     return name.replace("/", "_").replace(" ", "")
 
 
-def cell_argv(settings: dict[str, Any], cell: Cell, output: Path) -> list[str]:
-    """The ``veridical eval`` arguments of one cell."""
-    argv = ["eval", cell.benchmark, "--model", cell.model, "--output", str(output), "--no-progress"]
-    if cell.protocol:
-        argv += ["--protocol", cell.protocol]
-    for spec in cell.methods:
-        argv += ["--method", json.dumps(spec) if isinstance(spec, dict) else spec]
-    for key, value in (settings["benchmarks"].get(cell.benchmark) or {}).items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+def cell_request(settings: dict[str, Any], cell: Cell, output: Path, dry_run: bool = False) -> EvalRequest:
+    """The ``veridical eval`` request of one cell."""
+    options = dict(settings["benchmarks"].get(cell.benchmark) or {})
     for key in ("batch_size", "seed", "dtype", "device", "rule"):
         if key in settings and not (key == "rule" and cell.benchmark != "pope"):
-            argv += [f"--{key.replace('_', '-')}", str(settings[key])]
-    if settings.get("compile"):
-        argv.append("--compile")
-    for key, value in (settings.get("generation") or {}).items():
-        argv += ["--gen", f"{key}={json.dumps(value)}"]
-    return argv
+            options[key] = settings[key]
+    return EvalRequest(
+        benchmark=cell.benchmark,
+        model=cell.model,
+        methods=list(cell.methods),
+        protocol=cell.protocol,
+        generation=dict(settings.get("generation") or {}),
+        compile=bool(settings.get("compile")),
+        output=str(output),
+        dry_run=dry_run,
+        progress=False,
+        **options,
+    )
 
 
 def run_sweep(
@@ -254,8 +256,7 @@ def run_sweep(
             print(f"[{i}/{len(cells)}] {cell.name}: done, skipped")
             continue
         print(f"[{i}/{len(cells)}] {cell.name}")
-        argv = cell_argv(settings, cell, cell_dir) + (["--dry-run"] if dry_run else [])
-        error = _run_cell(argv)
+        error = _run_cell(cell_request(settings, cell, cell_dir, dry_run))
         if error:
             failures[cell.name] = error
             print(f"[{i}/{len(cells)}] {cell.name}: FAILED: {error}")
@@ -267,22 +268,14 @@ def run_sweep(
     return rows
 
 
-def _run_cell(argv: list[str]) -> str | None:
-    """Run one cell's ``veridical eval``; the reason it failed, or None. Ctrl-C stops the sweep."""
-    import contextlib
-    import io
+def _run_cell(request: EvalRequest) -> str | None:
+    """Run one cell's eval; the reason it failed, or None. Ctrl-C stops the sweep."""
+    from veridical.evals.commands import run_eval_request
 
-    from veridical.cli import build_parser
-
-    usage = io.StringIO()
     try:
-        with contextlib.redirect_stderr(usage):
-            args = build_parser().parse_args(argv)
-        args.run(args)
+        run_eval_request(request)
     except (VeridicalError, OSError) as err:
         return str(err)
-    except SystemExit:  # an option value the command line refused
-        return usage.getvalue().strip().removeprefix("veridical: error: ") or "invalid option"
     return None
 
 

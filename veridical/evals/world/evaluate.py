@@ -41,10 +41,9 @@ from veridical.evals.world.scenes import (
     synonyms_text,
     write_coco,
 )
+from veridical.evals.world.shipped import model_path
 from veridical.registry import method_class
 
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
-WORLD_MODELS = {"world": CHECKPOINTS / "world", "world-noprior": CHECKPOINTS / "world-noprior"}
 DEFAULT_METHODS: list[list[Any]] = [
     [],
     ["vcd"],
@@ -59,6 +58,7 @@ DEFAULT_METHODS: list[list[Any]] = [
     ["vhr"],
     ["act"],
     ["var"],
+    ["vaf"],
 ]
 GENERATION = {
     "chair": {"do_sample": False, "max_new_tokens": 24},
@@ -153,7 +153,7 @@ def evaluate_world(
 
     root = Path(root)
     data = write_world_data(root / f"data-{probes}-{seed}", probes, seed)
-    model, processor = load_model(str(WORLD_MODELS.get(model_name, model_name)), "float32", "cpu")
+    model, processor = load_model(model_path(model_name), "float32", "cpu")
     chair = load_chair(coco_annotations=data / "probe", synonyms=data / "probe" / SYNONYMS_FILE)
     rows = []
     for stack in methods:
