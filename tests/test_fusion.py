@@ -9,8 +9,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import veridical
 from veridical import get_adapter
 from veridical.attention import SEGMENTS
+from veridical.contrastive import ContrastiveDecoder
 from veridical.decoders import M3ID, VCD, AvisC
-from veridical.decoders.contrastive import ContrastiveDecoder
 from veridical.registry import build_method, parse_method_spec
 from veridical.tiny import tiny_inputs
 

@@ -60,7 +60,7 @@ def stack_padded(tensors: list[torch.Tensor], pads: list[int], dim: int) -> torc
 class BranchFusion:
     """Batches the contrast branches of ``decoders`` into ``model``'s own forwards inside ``with``.
 
-    ``decoders`` are :class:`~veridical.decoders.contrastive.ContrastiveDecoder` instances (anything
+    ``decoders`` are :class:`~veridical.contrastive.ContrastiveDecoder` instances (anything
     with a ``fusion`` attribute its branch reads); ``veridical.generate`` enters one fusion for all
     of them, and ``with VCD(model, inputs) as vcd: model.generate(..., logits_processor=[vcd])``
     enters one for a single decoder.

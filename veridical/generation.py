@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from veridical.adapters import Inputs, check_generate_inputs
-from veridical.decoders.contrastive import ContrastiveDecoder
+from veridical.contrastive import ContrastiveDecoder
 from veridical.errors import MethodSpecError
 from veridical.fusion import BranchFusion
 from veridical.registry import MethodSpec, build_method, validate_spec

@@ -4,8 +4,8 @@ Pass an instance to a stock ``model.generate(..., logits_processor=[...])`` or n
 :func:`veridical.generate`.
 """
 
+from veridical.contrastive import ContrastiveDecoder
 from veridical.decoders.avisc import AvisC
-from veridical.decoders.contrastive import ContrastiveDecoder
 from veridical.decoders.m3id import M3ID
 from veridical.decoders.opera import OPERA
 from veridical.decoders.vcd import VCD

@@ -9,7 +9,7 @@ from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, intercept_attention
-from veridical.decoders.contrastive import ContrastiveDecoder, contrast_with_cutoff
+from veridical.contrastive import ContrastiveDecoder, contrast_with_cutoff
 from veridical.params import Real, Rule
 from veridical.registry import check_hyperparameters, register_method
 

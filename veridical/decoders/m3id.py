@@ -10,7 +10,7 @@ from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.contrast import contrast_inputs
-from veridical.decoders.contrastive import ContrastiveDecoder, plausibility_mask
+from veridical.contrastive import ContrastiveDecoder, plausibility_mask
 from veridical.params import Choice, Real, Rule
 from veridical.registry import check_hyperparameters, register_method
 

@@ -306,7 +306,7 @@ class OPERA:
         if (config.num_return_sequences or 1) != 1:
             raise MethodSpecError("OPERA returns one sequence per prompt (num_return_sequences=1)")
         processors = LogitsProcessorList(logits_processor or [])
-        from veridical.decoders.contrastive import ContrastiveDecoder
+        from veridical.contrastive import ContrastiveDecoder
 
         branched = [type(p).__name__ for p in processors if isinstance(p, ContrastiveDecoder)]
         if branched:

@@ -9,7 +9,7 @@ from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.contrast import CONTRAST_KINDS, DIFFUSION_STEPS, contrast_inputs
-from veridical.decoders.contrastive import ContrastiveDecoder, contrast_with_cutoff
+from veridical.contrastive import ContrastiveDecoder, contrast_with_cutoff
 from veridical.params import Choice, Integer, Optional, Real, Rule
 from veridical.registry import check_hyperparameters, register_method
 

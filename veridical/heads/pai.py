@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from veridical.adapters import Inputs
 from veridical.attention import ForwardContext
-from veridical.heads.base import HeadMethod, check_layers, layer_range
-from veridical.params import Flag, Layers, Optional, Real, Rule
+from veridical.heads.boost import BOOST_RULES, AttentionBoost
+from veridical.params import Real, Rule
 from veridical.registry import check_hyperparameters, register_method
 
 
 @register_method("pai")
-class PAI(HeadMethod):
+class PAI(AttentionBoost):
     r"""Image attention amplification before the softmax.
 
     Liu et al., "Paying More Attention to Image: A Training-Free Method for Alleviating
@@ -69,12 +68,7 @@ class PAI(HeadMethod):
     """
 
     #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
-    hyperparameter_rules: ClassVar[dict[str, Rule]] = {
-        "alpha": Real(0),
-        "gamma": Real(1),
-        "layers": Optional(Layers()),
-        "boost_prefill": Optional(Flag()),
-    }
+    hyperparameter_rules: ClassVar[dict[str, Rule]] = {"alpha": Real(0), **BOOST_RULES}
 
     def __init__(
         self,
@@ -86,55 +80,9 @@ class PAI(HeadMethod):
         boost_prefill: bool | None = None,
     ):
         check_hyperparameters(self, locals())
-        super().__init__(model, inputs)
-        depth = self.adapter.num_layers
-        self.layers = check_layers("PAI", layers, depth) if layers is not None else layer_range(2, 32, depth)
-        self.alpha, self.gamma = alpha, gamma
-        # The official code skips the prefill exactly when its contrast processor is in use.
-        self.boost_prefill = gamma == 1 if boost_prefill is None else boost_prefill
-        if gamma != 1:
-            from veridical.decoders.vcd import VCD
-
-            self.logits_processor = VCD(model, inputs, alpha=gamma - 1, beta=0.1, contrast="no_image")
-
-    _skipped_prefill = False
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        contrast = self.logits_processor
-        if self._skipped_prefill and contrast is not None and getattr(contrast, "_branch", None) is None:
-            # The prefill was left unboosted for a contrast that never ran: neither half of PAI applied.
-            warnings.warn(
-                f"{type(self).__name__}(gamma={self.gamma}) ran without its text-only contrast: pass "
-                "method.logits_processor to generate() or use veridical.generate",
-                stacklevel=2,
-            )
+        super().__init__(model, inputs, gamma, layers, boost_prefill)
+        self.alpha = alpha
 
     def key_weights(self, context: ForwardContext, keys: int) -> torch.Tensor:
-        """``(rows, keys)`` amplification of each key column for the newest query."""
+        """Every image column by ``alpha`` (``attention.py`` lines 90-94)."""
         return context.image_keys(keys).float() * self.alpha
-
-    def head_weights(self, layer: int, context: ForwardContext) -> torch.Tensor | None:
-        """Optional ``(rows, heads)`` per-head factor of the amplification (PAINT's modulation)."""
-        return None
-
-    def edit_logits(self, module: nn.Module, logits: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        if not context.sequence.has_image:  # a contrast branch without the image
-            return logits
-        if context.is_prefill and not self.boost_prefill:
-            self._skipped_prefill = True
-            return logits
-        keys = logits.shape[-1]
-        weights = context.once(  # (rows, 1, 1, keys), the same in every layer of this forward
-            self, lambda: self.key_weights(context, keys).to(logits.device)[:, None, None, :], keys
-        )
-        per_head = self.head_weights(module.layer_idx, context)
-        if per_head is not None:
-            weights = weights * per_head[:, :, None, None].to(weights)
-        newest = logits[:, :, -context.newest :, :]
-        boost = (weights * newest.float().abs()).to(logits.dtype)
-        if newest.shape[2] == logits.shape[2]:  # a decoding step: every query is a newest one
-            return logits + boost
-        logits = logits.clone()
-        logits[:, :, -context.newest :, :] += boost
-        return logits

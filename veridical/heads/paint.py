@@ -11,7 +11,7 @@ from torch import nn
 from veridical.adapters import Inputs
 from veridical.attention import AttentionHook, ForwardContext, fit_keys, prompt_of_rows
 from veridical.errors import InputError, MethodSpecError
-from veridical.heads.pai import PAI
+from veridical.heads.boost import BOOST_RULES, AttentionBoost
 from veridical.heads.paired import last_token_head_outputs, paired_forward
 from veridical.params import Flag, Real, Rule
 from veridical.registry import check_hyperparameters, register_method
@@ -40,7 +40,7 @@ def iqr_outliers(values: torch.Tensor) -> int:
 
 
 @register_method("paint")
-class PAINT(PAI):
+class PAINT(AttentionBoost):
     r"""PAI with separate boosts for local and summary image tokens.
 
     Arif et al., "PAINT: Paying Attention to INformed Tokens to Mitigate Hallucination in Large
@@ -90,7 +90,7 @@ class PAINT(PAI):
         "summary_alpha": Real(0),
         "local_ratio": Real(0, 1, low_open=True),
         "head_modulation": Flag(),
-        **{k: PAI.hyperparameter_rules[k] for k in ("gamma", "layers", "boost_prefill")},
+        **BOOST_RULES,
     }
 
     families = ("llava",)
@@ -108,14 +108,7 @@ class PAINT(PAI):
         boost_prefill: bool | None = None,
     ):
         check_hyperparameters(self, locals())
-        super().__init__(
-            model,
-            inputs,
-            alpha=max(local_alpha, summary_alpha),
-            gamma=gamma,
-            layers=layers,
-            boost_prefill=boost_prefill,
-        )
+        super().__init__(model, inputs, gamma, layers, boost_prefill)
         tower = model.model.vision_tower
         if getattr(getattr(tower, "embeddings", None), "class_embedding", None) is None:
             # Without a CLS token the CLS query would silently be the first patch.

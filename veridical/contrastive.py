@@ -1,4 +1,6 @@
-"""Shared two-branch machinery of contrastive decoders (VCD, M3ID, AvisC, ...)."""
+"""Two-branch contrast, the core of contrastive decoders (VCD, M3ID, AvisC, ...) and of PAI's text-only
+contrast: a logits processor that runs a contrast branch beside the main rows and combines the two
+next-token distributions. Methods subclass :class:`ContrastiveDecoder`; none imports another method."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from transformers import LogitsProcessor
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.branch import Branch
+from veridical.contrast import contrast_inputs
 from veridical.fusion import BranchFusion
 
 
@@ -79,3 +82,23 @@ def contrast_with_cutoff(
     scores = (1 + alpha) * log_probs - alpha * contrast_log_probs
     scores = scores.masked_fill(plausibility_mask(log_probs, beta), float("-inf"))
     return torch.log_softmax(scores, dim=-1)
+
+
+class TextOnlyContrast(ContrastiveDecoder):
+    r"""The prompt without its image as the contrast, combined as
+    :math:`(1 + \alpha) l - \alpha l_{\text{text}}` on the plausibility set ``p >= beta * max p``
+    (:func:`contrast_with_cutoff`).
+
+    Classifier-free guidance towards the image: PAI's ``gamma`` is ``1 + alpha`` (LALBJ/PAI ``CFG.py``
+    lines 29-57); the same as VCD with ``contrast="no_image"``.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Inputs, alpha: float, beta: float):
+        super().__init__(model, inputs)
+        self.alpha, self.beta = alpha, beta
+
+    def contrast_inputs(self) -> Inputs:
+        return contrast_inputs(self.adapter, self.inputs, "no_image")
+
+    def combine(self, log_probs: torch.Tensor, contrast_log_probs: torch.Tensor) -> torch.Tensor:
+        return contrast_with_cutoff(log_probs, contrast_log_probs, self.alpha, self.beta)
