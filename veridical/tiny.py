@@ -83,6 +83,29 @@ def _text_config(vocab_size: int, **extra) -> dict:
     )
 
 
+def _filled_words(vocab_size: int, specials: int) -> list[str]:
+    """The tiny vocabulary filled with made-up words (``w<i>``) up to ``vocab_size`` entries in all, so
+    that every id a real-size model can emit decodes to a word: random weights then write non-empty
+    answers (an id beyond the tokenizer decodes to nothing, and ``veridical eval`` refuses all-empty
+    outputs)."""
+    words = list(dict.fromkeys(_WORDS))
+    fill = vocab_size - len(_SPECIALS) - specials - len(words)
+    return words + [f"w{i}" for i in range(max(fill, 0))]
+
+
+def _build(model_class, config, seed: int, device: str | torch.device, dtype: torch.dtype | None):
+    """``model_class(config)`` with seeded random weights, created directly on ``device`` in ``dtype``
+    (a 7B model is never materialised in float32 on the CPU first)."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _finish(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> torch.nn.Module:
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
@@ -118,12 +141,16 @@ def _llava(
     seed: int,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ):
     """A LLaVA-1.5 model with random weights and its processor (``image_size`` px): ``vision`` the CLIP
-    tower's config, ``text(vocabulary size of the tokenizer)`` the LLaMA decoder's."""
+    tower's config, ``text(vocabulary size of the tokenizer)`` the LLaMA decoder's. ``vocab_size``:
+    fill the tokenizer up to that many entries (:func:`_filled_words`)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tok = word_tokenizer(_IMAGE_TOKENS["llava"], image_token="<image>")
+    extra = _IMAGE_TOKENS["llava"]
+    words = _filled_words(vocab_size, len(extra)) if vocab_size else _WORDS
+    tok = word_tokenizer(extra, words=words, image_token="<image>")
     config = LlavaConfig(
         vision_config=vision,
         text_config=dict(model_type="llama", **text(len(tok))),
@@ -131,14 +158,7 @@ def _llava(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or previous)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = _build(LlavaForConditionalGeneration, config, seed, device, dtype)
     size = {"height": image_size, "width": image_size}
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=size)
     processor_settings = {**_LLAVA_PROCESSOR, "patch_size": vision["patch_size"]}
@@ -309,7 +329,9 @@ def full_size_llava(
 
     CLIP ViT-L/14 at 336 px (576 image tokens per image), a LLaMA-7B text decoder (32 layers, 32
     heads, hidden 4096), built on ``device`` in ``dtype`` without any download: for benchmarks of real
-    sizes (about 14 GB in float16). ``text_layers`` / ``vision_layers`` shorten the towers.
+    sizes (about 14 GB in float16). ``text_layers`` / ``vision_layers`` shorten the towers. The
+    word-level tokenizer is filled to the 32064 entries of the vocabulary, so that any generated id
+    decodes to a word (``veridical eval`` runs on this model write non-empty answers).
     """
     vision = dict(
         model_type="clip_vision_model",
@@ -334,7 +356,101 @@ def full_size_llava(
         bos_token_id=1,
         eos_token_id=2,
     )
-    return _llava(vision, lambda _: text, 336, seed, device, dtype)
+    return _llava(vision, lambda _: text, 336, seed, device, dtype, vocab_size=text["vocab_size"])
+
+
+#: Qwen2.5-VL's chat format, one user turn with one image (the released template without its system turn).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def full_size_qwen2_5_vl(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    text_layers: int = 28,
+    vision_layers: int = 32,
+    seed: int = 0,
+    vocab_size: int = 152064,
+):
+    """``(model, processor)`` with the shapes of ``Qwen/Qwen2.5-VL-7B-Instruct`` and random weights.
+
+    Text decoder: hidden 3584, 28 layers, 28 heads with 4 key/value heads, MLP 18944, vocabulary
+    152064, M-RoPE sections (16, 24, 24), rope theta 1e6. Vision tower: 32 blocks of width 1280 (16
+    heads, MLP 3420), 14 px patches merged 2x2 into tokens of width 3584, window attention (112 px
+    windows) with full attention in blocks 7, 15, 23 and 31. These are the released ``config.json``'s
+    values (the vision ones are also the defaults of ``Qwen2_5_VLVisionConfig`` in transformers 5.24,
+    models/qwen2_5_vl/configuration_qwen2_5_vl.py, but for its width); 8,292,166,656 parameters, about
+    16.6 GB in float16. The image processor uses the released pixel bounds (56x56 to 28x28x1280 px): a
+    672x672 image gives 576 image tokens, as many as LLaVA-1.5. ``text_layers`` / ``vision_layers``
+    shorten the towers (full attention stays on the blocks that remain of 7, 15, 23, 31, else the last
+    block); ``vocab_size`` shrinks the vocabulary (a CPU test: the two 152064 x 3584 matrices take most
+    of the build time).
+
+    The tokenizer is a word-level one filled to the full vocabulary, so the special token ids differ
+    from the released tokenizer's (151655 for ``<|image_pad|>``); the config carries this tokenizer's
+    ids.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    specials = [*_IMAGE_TOKENS["qwen2_5_vl"], "<|im_start|>", "<|im_end|>"]
+    tok = word_tokenizer(specials, words=_filled_words(vocab_size, len(specials)))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    full_attention = [i for i in (7, 15, 23, 31) if i < vision_layers] or [vision_layers - 1]
+    vision = dict(
+        depth=vision_layers,
+        hidden_size=1280,
+        hidden_act="silu",
+        intermediate_size=3420,
+        num_heads=16,
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=2,
+        window_size=112,
+        out_hidden_size=3584,
+        fullatt_block_indexes=full_attention,
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=text_layers,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        hidden_act="silu",
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, device, dtype)
+    ip = Qwen2VLImageProcessorPil(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    )
+    proc = image_only_qwen_processor_class()(
+        image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE
+    )
+    return _finish(model, tok), proc
 
 
 FACTORIES = {
