@@ -630,3 +630,78 @@ def test_two_models_with_different_methods_do_not_interfere(tiny_models, questio
     torch.testing.assert_close(both_qwen, alone_qwen, atol=0, rtol=0)
     assert (alone_llava - vanilla_llava).abs().max() > 1e-4  # PAI acts on this model
     torch.testing.assert_close(logits(llava, llava_inputs), vanilla_llava, atol=0, rtol=0)  # and is gone
+
+
+# -- what a method decides at prefill and every decoding step reads (issue 15) ----------------------
+
+
+def _decode(model, inputs, methods, steps):
+    out = veridical.generate(
+        model,
+        inputs,
+        methods=methods,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+@pytest.mark.parametrize("name", ["act", "var", "vista"])
+def test_prefill_tensors_are_rebuilt_for_each_generate_call(tiny_models, questions, monkeypatch, name):
+    """ACT's and VAR's sink columns and VISTA's steering vectors are built per call and held for its
+    decoding steps. Calls with other images and the prompts in the other order (the same shapes, so a
+    stale tensor would fit silently; each row's padding, so its columns, moves) must each decode what
+    they decode with nothing held: ACT and VAR rebuilding their columns in every layer and step (as
+    they did before they held them), VISTA steering with the public formula from this call's vectors
+    at every layer and step."""
+    import veridical.heads.act
+    import veridical.heads.var
+    from veridical.attention import prompt_rows
+    from veridical.decoders.vista import VISTA, steer
+    from veridical.tiny import tiny_inputs
+
+    def steer_from_vectors(method, source):
+        def hook(module, args, output):
+            return steer(output, prompt_rows(method.vectors[:, source], output.shape[0]), method.lam)
+
+        return hook
+
+    model, processor = tiny_models("llava")
+    first = tiny_inputs("llava", processor, questions, seed=0)
+    second = tiny_inputs("llava", processor, questions[::-1], seed=1)
+    assert first["input_ids"].shape == second["input_ids"].shape
+    spec = {"act": ACTIVE["act"], "var": var_spec(model, first), "vista": "vista"}[name]
+    with monkeypatch.context() as patch:
+        for module in (veridical.heads.act, veridical.heads.var):
+            patch.setattr(module, "prefill_columns", lambda store, key, build, rows, keys: build(keys))
+        patch.setattr(VISTA, "_steer_hook", steer_from_vectors)
+        want = [_decode(model, inputs, [spec], 4) for inputs in (first, second)]
+    got = [_decode(model, inputs, [spec], 4) for inputs in (first, second, first)]
+    for (want_tokens, want_scores), (tokens, scores) in zip(want + want[:1], got, strict=True):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(scores, want_scores, atol=0, rtol=0)
+    # The two batches decode differently under the method, so reusing the first one's tensors shows.
+    assert (want[0][1] - want[1][1]).nan_to_num(0.0, 0.0, 0.0).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["act", "var"])
+def test_prefill_columns_grow_with_decoding(llava, monkeypatch, name):
+    """The sink and image columns are held with spare columns for the keys decoding adds, and rebuilt
+    when the steps outgrow them: rebuilding at every step (no spare column, what every step did
+    before), every third step, or never must decode the same bits."""
+    import veridical.heads.base as base
+
+    model, inputs = llava
+    spec = {"act": ACTIVE["act"], "var": var_spec(model, inputs)}[name]
+    runs = []
+    for spare in (0, 2, 64):
+        monkeypatch.setattr(base, "SPARE_COLUMNS", spare)
+        runs.append(_decode(model, inputs, [spec], 7))
+    for tokens, scores in runs[1:]:
+        assert torch.equal(tokens, runs[0][0])
+        torch.testing.assert_close(scores, runs[0][1], atol=0, rtol=0)
+    # The method acts (-inf - -inf, where min_new_tokens bans EOS on both sides, counts as no change).
+    assert (runs[0][1] - _decode(model, inputs, [], 7)[1]).nan_to_num(0.0, 0.0, 0.0).abs().max() > 1e-3

@@ -311,11 +311,14 @@ def eager_attention(
     grouped = query.reshape(batch, key.shape[1], groups * queries, dim)
     logits = torch.matmul(grouped, key.transpose(2, 3)).view(batch, heads, queries, -1) * scaling
     if attention_mask is not None:
-        logits = logits + attention_mask[:, :, :, : key.shape[-2]]
+        if attention_mask.shape[-1] != key.shape[-2]:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        logits = logits + attention_mask
     logits = _edit(logits, hooks, "edit_logits", module, context, keyed=True)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights = _edit(weights, hooks, "edit_weights", module, context, keyed=True)
-    weights = weights.to(query.dtype)
+    if weights.dtype != query.dtype:
+        weights = weights.to(query.dtype)
     if dropout and module.training:
         weights = nn.functional.dropout(weights, p=dropout, training=True)
     outputs = torch.matmul(weights.reshape(batch, key.shape[1], groups * queries, -1), value)

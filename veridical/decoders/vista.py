@@ -30,11 +30,39 @@ def steer(update: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tenso
 
     (``llm_layers.py`` lines 26-30 of LzVv123456/VISTA at dc62252, with one vector per layer.)
     """
-    x = update.float()
-    v = vector.float()[:, None, :]
-    strength = lam * (1 + F.cosine_similarity(x, -v, dim=-1).clamp_min(0))[..., None]
-    steered = F.normalize(F.normalize(x, dim=-1) + strength * F.normalize(v, dim=-1), dim=-1)
-    return (steered * x.norm(dim=-1, keepdim=True)).to(update.dtype)
+    neg_unit, unit = vector_units(vector.float()[:, None, :])
+    return steer_with_units(update, neg_unit, unit, lam)
+
+
+def vector_units(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-v / max(|v|, 1e-8)`` and ``normalize(v)`` over the last dimension of float32 ``vectors``.
+
+    What :func:`steer` divides the steering vector by, computed once per vector rather than at every
+    layer and decoding step: ``torch.cosine_similarity`` normalises each side by its norm clamped at
+    its ``eps`` (1e-8) before the dot product, ``F.normalize`` clamps at 1e-12.
+    """
+    neg = -vectors
+    neg_unit = neg / torch.linalg.vector_norm(neg, 2, dim=-1, keepdim=True).clamp_min(1e-8)
+    return neg_unit, F.normalize(vectors, dim=-1)
+
+
+def steer_with_units(
+    update: torch.Tensor, neg_unit: torch.Tensor, unit: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """:func:`steer` with the vector's :func:`vector_units` ``(rows, 1, d)`` given.
+
+    The same operations as ``cosine_similarity``, ``normalize`` and ``norm`` in :func:`steer`, in the
+    same order, with the norm of ``update`` computed once instead of three times: the same bits
+    (``tests/test_heads.py::test_vista_steering_fast_path_is_bitwise_the_formula``).
+    """
+    x = update if update.dtype == torch.float32 else update.float()
+    norm = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True)
+    cos = ((x / norm.clamp_min(1e-8)) * neg_unit).sum(dim=-1, keepdim=True)
+    strength = lam * (1 + cos.clamp_min(0))
+    direction = x / norm.clamp_min(1e-12) + strength * unit
+    steered = direction / torch.linalg.vector_norm(direction, 2, dim=-1, keepdim=True).clamp_min(1e-12)
+    steered = steered * norm
+    return steered if steered.dtype == update.dtype else steered.to(update.dtype)
 
 
 def default_logits_window(depth: int) -> list[int]:
@@ -177,15 +205,25 @@ class _SelfLogits(AttentionHook, LogitsProcessor):
         if any(s is None or s.shape[0] != scores.shape[0] for s in states):
             raise RuntimeError("VISTA's logits augmentation saw no forward of this generate() call")
         with torch.no_grad():
-            early = torch.stack([self.lm_head(h).float() for h in states]).mean(dim=0).to(scores.device)
+            if len(states) == 1:  # the mean of one is itself
+                early = self.lm_head(states[0]).float()
+            else:
+                # One lm_head product over the stacked window: one weight read and one kernel per step,
+                # not one per layer. Each row's logits are lm_head of that row up to the rounding of
+                # the larger matrix product (at most 5e-7 apart in the scores of the test models).
+                early = self.lm_head(torch.stack(states)).float().mean(dim=0)
+        if early.device != scores.device:
+            early = early.to(scores.device)
+        raw = scores if scores.dtype == torch.float32 else scores.float()
         # A per-row shift of the logits (the official code mixes raw logits), as under beam search.
-        final = torch.log_softmax(scores.float(), dim=-1)
+        final = torch.log_softmax(raw, dim=-1)
         # Tokens another processor removed stay removed (the official code mixes before them all);
         # masking before the product keeps logits_alpha=1 free of 0 * -inf.
         allowed = torch.isfinite(final)
         mixed = torch.where(allowed, (1 - self.weight) * final + self.weight * early, -torch.inf)
         alive = allowed.any(dim=-1, keepdim=True)
-        return torch.where(alive, torch.log_softmax(mixed, dim=-1), scores.float()).to(scores.dtype)
+        out = torch.where(alive, torch.log_softmax(mixed, dim=-1), raw)
+        return out if out.dtype == scores.dtype else out.to(scores.dtype)
 
 
 @register_method("vista")
@@ -267,6 +305,8 @@ class VISTA(HeadMethod):
         self.augmentation = _SelfLogits(self.adapter, window, logits_alpha) if logits_alpha else None
         self.logits_processor = self.augmentation
         self.vectors: torch.Tensor | None = None
+        #: Per steering vector's layer: :func:`vector_units` of every prompt's vector ``(B, 1, d)``.
+        self._units: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
     @torch.no_grad()
@@ -283,6 +323,12 @@ class VISTA(HeadMethod):
     def __enter__(self) -> VISTA:
         super().__enter__()
         if self.lam:
+            # The vectors are fixed for the call: their norms are taken once here, not per layer and step.
+            neg_units, units = vector_units(self.vectors.float())
+            self._units = {
+                source: (neg_units[:, source, None].contiguous(), units[:, source, None].contiguous())
+                for source in {source for _, source in self.pairs}
+            }
             for layer, source in self.pairs:
                 mlp = self.adapter.layers[layer].mlp
                 self._handles.append(mlp.register_forward_hook(self._steer_hook(source)))
@@ -295,11 +341,14 @@ class VISTA(HeadMethod):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._units = {}
         super().__exit__(*exc)
 
     def _steer_hook(self, source: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            vectors = prompt_rows(self.vectors[:, source], output.shape[0]).to(output.device)
-            return steer(output, vectors, self.lam)
+            neg_unit, unit = (prompt_rows(units, output.shape[0]) for units in self._units[source])
+            if unit.device != output.device:
+                neg_unit, unit = neg_unit.to(output.device), unit.to(output.device)
+            return steer_with_units(output, neg_unit, unit, self.lam)
 
         return hook

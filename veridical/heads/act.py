@@ -13,7 +13,7 @@ from torch import nn
 from veridical.adapters import Inputs
 from veridical.attention import ForwardContext, fit_keys
 from veridical.errors import InputError, MethodSpecError
-from veridical.heads.base import HeadMethod, check_layers, layer_range
+from veridical.heads.base import HeadMethod, check_layers, layer_range, prefill_columns
 from veridical.params import Custom, Layers, Optional, Real, Rule, existing_file
 from veridical.registry import check_hyperparameters, register_method
 
@@ -44,11 +44,18 @@ def sink_columns(weights: torch.Tensor, valid: torch.Tensor | None, threshold: f
 
 
 def redistribute(weights: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scale sink columns by ``scale`` and give the freed mass to the other columns in proportion."""
-    others = weights * ~sinks
+    """Scale sink columns by ``scale`` and give the freed mass to the other columns in proportion.
+
+    ``weights * sinks`` is computed once: the sink mass is its sum and the other columns' weights are
+    ``weights`` minus it (exactly ``weights * ~sinks``: ``w - w`` is 0 and ``w - 0`` is ``w``).
+    ``addcdiv(a, b, c)`` is ``a + b / c`` in one operation, with the same rounding.
+    """
+    on_sinks = weights * sinks
+    others = weights - on_sinks
     other_mass = others.sum(dim=-1, keepdim=True)
-    freed = (1 - scale) * (weights * sinks).sum(dim=-1, keepdim=True)
-    edited = torch.where(sinks, weights * scale, weights) + freed * others / other_mass.clamp_min(1e-30)
+    freed = (1 - scale) * on_sinks.sum(dim=-1, keepdim=True)
+    kept = torch.where(sinks, weights * scale, weights)
+    edited = torch.addcdiv(kept, freed * others, other_mass.clamp_min(1e-30))
     return torch.where(other_mass > 0, edited, weights)
 
 
@@ -178,14 +185,22 @@ class ACT(HeadMethod):
             tokens = weights.shape[2]
             valid = None if context.valid_keys is None else context.valid_keys[:, :tokens]
             store[layer] = sink_columns(weights[:, heads, :, :tokens], valid, self.threshold)
-        sinks = store.get(layer)
-        if sinks is None:
+            store.pop(("columns", layer), None)
+        found = store.get(layer)
+        if found is None:
             return weights
-        sinks = fit_keys(context.per_row(sinks), weights.shape[-1])
+        # (rows, heads, 1, keys), built once per prefill: every step reads it (no padding per layer).
+        sinks = prefill_columns(
+            store,
+            ("columns", layer),
+            lambda width: fit_keys(context.per_row(found), width)[:, :, None, :],
+            context.rows,
+            weights.shape[-1],
+        )
         if len(heads) == weights.shape[1]:
-            return redistribute(weights, sinks[:, :, None, :], self.scale)
+            return redistribute(weights, sinks, self.scale)
         weights = weights.clone()
-        weights[:, heads] = redistribute(weights[:, heads], sinks[:, :, None, :], self.scale)
+        weights[:, heads] = redistribute(weights[:, heads], sinks, self.scale)
         return weights
 
 

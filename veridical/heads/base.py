@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from transformers import LogitsProcessor
 
@@ -41,6 +42,29 @@ def check_layers(name: str, layers: Sequence[int] | int, depth: int) -> list[int
             f"{name} layers {bad or '[]'} are not in 0..{depth - 1} (the text decoder's layers)"
         )
     return layers
+
+
+#: Spare key columns held by :func:`prefill_columns`: eager decoding (one new key column per step)
+#: rebuilds what a method decided at prefill once every this many steps, not at every layer and step.
+SPARE_COLUMNS = 64
+
+
+def prefill_columns(
+    store: MutableMapping[Any, Any], key: Any, build: Callable[[int], torch.Tensor], rows: int, keys: int
+) -> torch.Tensor:
+    """``build(width)`` (a tensor over ``width`` key columns, first dimension ``rows``), cut to ``keys``.
+
+    What a method decided at prefill (sink columns, image columns and what follows from them) is the
+    same at every decoding step but for its width, which grows by one key column per step; generated
+    columns are zeros (``False``). Built once with :data:`SPARE_COLUMNS` spare columns and kept in
+    ``store`` (the sequence's store, new at every prefill) under ``key``; a forward with more key
+    columns or another row count rebuilds it. A static cache (compiled decoding) has the same width
+    at prefill and every step, so the compiled step only reads the tensor, never rebuilds it.
+    """
+    found = store.get(key)
+    if found is None or found.shape[-1] < keys or found.shape[0] != rows:
+        found = store[key] = build(keys + SPARE_COLUMNS)
+    return found if found.shape[-1] == keys else found[..., :keys]
 
 
 class HeadMethod(AttentionHook, AbstractContextManager):

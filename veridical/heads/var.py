@@ -11,7 +11,7 @@ from torch import nn
 from veridical.adapters import Inputs
 from veridical.attention import ForwardContext, fit_keys
 from veridical.errors import MethodSpecError
-from veridical.heads.base import HeadMethod, check_layers, layer_range
+from veridical.heads.base import HeadMethod, check_layers, layer_range, prefill_columns
 from veridical.heads.sinks import detect_sink_dims, known_sink_dims, rms_normalized
 from veridical.params import Custom, Flag, Layers, Optional, Real, Rule
 from veridical.registry import check_hyperparameters, register_method
@@ -156,6 +156,7 @@ class VAR(HeadMethod):
         # such a layer, asked once here (a GPU sync) rather than at every layer and step.
         store[layer_idx] = sinks
         store["edited", layer_idx] = bool((sinks & image).any())
+        store.pop(("columns", layer_idx), None)  # built from these sinks when first read
 
     def sinks(self, layer: int, context: ForwardContext, keys: int) -> torch.Tensor | None:
         """``(rows, keys)`` sink columns of ``layer`` for this forward; ``None`` before any prefill or
@@ -166,31 +167,65 @@ class VAR(HeadMethod):
             return None
         return fit_keys(context.per_row(sinks), keys)
 
+    def _columns(
+        self, layer: int, context: ForwardContext, keys: int, device: torch.device
+    ) -> tuple[torch.Tensor, ...] | None:
+        """What the redistribution reads of ``layer``'s prefill decision, for this forward's ``keys``
+        columns (``None`` as :meth:`sinks`): the image, image-sink, sink and receiver columns
+        ``(rows, 1, 1, keys)``, whether a row has an image sink and ``1e-6`` x its image token count
+        ``(rows, 1, 1, 1)``.
+
+        Built once per prefill and layer (:func:`~veridical.heads.base.prefill_columns`): a decoding
+        step cuts them to its width, with no padding, mask algebra or count per layer and step.
+        """
+        store = context.sequence.store.get(self.store_key, {})
+        if store.get(layer) is None:
+            return None
+        edited = torch.compiler.is_compiling() or store["edited", layer]
+        if not (edited or context.is_prefill):
+            return None
+
+        def build(width: int) -> torch.Tensor:
+            sinks = fit_keys(context.per_row(store[layer]), width).to(device)
+            image = context.image_keys(width).to(device)
+            image_sinks = image & sinks
+            store["per_row", layer] = (
+                image_sinks.any(dim=-1)[:, None, None, None],
+                1e-6 * image.sum(dim=-1).float()[:, None, None, None],
+            )
+            # One tensor, so that a step cuts all four with one operation.
+            return torch.stack([image, image_sinks, sinks, image & ~sinks], dim=1)[:, :, None, None, :]
+
+        # Built at prefill in every layer, edited or not: a compiled decoding step then only reads it
+        # (building it there would be a side effect, and the next step would compile anew).
+        columns = prefill_columns(store, ("columns", layer), build, context.rows, keys)
+        return (*columns.unbind(1), *store["per_row", layer]) if edited else None
+
     # -- redistribution --------------------------------------------------------------------------
     def edit_weights(self, module: nn.Module, weights: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        keys = weights.shape[-1]
-        sinks = self.sinks(module.layer_idx, context, keys)
-        if sinks is None or self.p == 1:
+        if self.p == 1:
             return weights
-        image = context.image_keys(keys).to(weights.device)
-        sinks = sinks.to(weights.device)
-        image_sinks = image & sinks
-        has_image_sink = image_sinks.any(dim=-1)  # (rows,)
-        image_mass = (weights * image[:, None, None, :]).sum(dim=-1)  # (rows, heads, queries)
-        image_count = image.sum(dim=-1).float()[:, None, None]
-        sink_share = (weights * image_sinks[:, None, None, :]).sum(dim=-1) / (image_mass + 1e-6 * image_count)
-        selected = (sink_share <= self.rho) & (image_mass >= self.summ) & has_image_sink[:, None, None]
+        keys = weights.shape[-1]
+        found = self._columns(module.layer_idx, context, keys, weights.device)
+        if found is None:
+            return weights
+        image, image_sinks, sinks, receivers, has_image_sink, image_count = found
+        # Kept over the key dimension (keepdim) so that the row decisions broadcast against the weights
+        # without a reshape; the sums are the same.
+        image_mass = (weights * image).sum(dim=-1, keepdim=True)  # (rows, heads, queries, 1)
+        sink_share = (weights * image_sinks).sum(dim=-1, keepdim=True) / (image_mass + image_count)
+        selected = (sink_share <= self.rho) & (image_mass >= self.summ) & has_image_sink
         if context.is_prefill:
             columns = torch.arange(keys, device=weights.device)
-            image_end = torch.where(image, columns, -1).amax(dim=-1) + 1  # (rows,)
+            image_end = torch.where(image[:, 0, 0], columns, -1).amax(dim=-1) + 1  # (rows,)
             queries = context.query_positions(weights.shape[2], weights.device)
-            selected &= queries[None, None, :] >= image_end[:, None, None]
-        receivers = (image & ~sinks)[:, None, None, :]
+            selected &= (queries[None, None, :] >= image_end[:, None, None])[..., None]
         receiver_weights = weights * receivers
         receiver_mass = receiver_weights.sum(dim=-1, keepdim=True)
         # Rows with nothing to receive the mass keep their attention instead of dividing by zero.
-        selected &= receiver_mass[..., 0] > 0
-        freed = (1 - self.p) * (weights * sinks[:, None, None, :]).sum(dim=-1, keepdim=True)
-        kept = torch.where(sinks[:, None, None, :], weights * self.p, weights)
-        redistributed = kept + freed * receiver_weights / receiver_mass.clamp_min(1e-30)
-        return torch.where(selected[..., None], redistributed, weights)
+        selected &= receiver_mass > 0
+        freed = (1 - self.p) * (weights * sinks).sum(dim=-1, keepdim=True)
+        kept = torch.where(sinks, weights * self.p, weights)
+        # kept + freed * receiver_weights / mass, in one operation with the same rounding.
+        redistributed = torch.addcdiv(kept, freed * receiver_weights, receiver_mass.clamp_min(1e-30))
+        return torch.where(selected, redistributed, weights)
