@@ -34,7 +34,10 @@ METHODS = [
     pytest.param("pai", id="pai"),
     pytest.param(VAR_SPEC, id="var"),
     pytest.param("act", id="act"),
-    *(pytest.param(m, id=m, marks=pytest.mark.slow) for m in ("vanilla", "paint", "vhr", "vista", "vaf")),
+    *(
+        pytest.param(m, id=m, marks=pytest.mark.slow)
+        for m in ("vanilla", "paint", "vhr", "vista", "vaf", "deco")
+    ),
 ]
 NEW_TOKENS = 6
 

@@ -8,9 +8,10 @@ import torch
 
 import veridical
 from veridical import get_adapter
-from veridical.decoders import M3ID, OPERA, VISTA, AvisC
+from veridical.decoders import M3ID, OPERA, AvisC
 from veridical.decoders.opera import column_scores, keep_candidate, tree_mask
 from veridical.errors import MethodSpecError
+from veridical.heads import VISTA
 
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
 

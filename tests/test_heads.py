@@ -660,7 +660,7 @@ def test_prefill_tensors_are_rebuilt_for_each_generate_call(tiny_models, questio
     import veridical.heads.act
     import veridical.heads.var
     from veridical.attention import prompt_rows
-    from veridical.decoders.vista import VISTA, steer
+    from veridical.heads.vista import VISTA, steer
     from veridical.tiny import tiny_inputs
 
     def steer_from_vectors(method, source):

@@ -23,8 +23,9 @@ from torch.nn import functional as F
 from transformers import LlavaForConditionalGeneration, LogitsProcessorList
 
 import veridical
-from veridical.decoders import M3ID, VCD, VISTA, AvisC
+from veridical.decoders import M3ID, VCD, AvisC
 from veridical.decoders.avisc import blind_tokens, top_share_layers
+from veridical.heads import VISTA
 from veridical.tiny import tiny_inputs, tiny_llava
 
 DEPTH = 16
@@ -276,7 +277,7 @@ def test_vista_augmentation_alone_keeps_tokens_other_processors_removed(deep):
 def test_vista_augmentation_passes_a_fully_masked_row_through(deep):
     model, _, inputs = deep
     augmentation = VISTA(model, inputs, lam=0.0).augmentation
-    augmentation.states = {i: torch.randn(2, 64) for i in augmentation.window}
+    augmentation.readout.states = {i: torch.randn(2, 64) for i in augmentation.indices}
     scores = torch.randn(2, VOCAB)
     scores[1] = -math.inf
     got = augmentation(inputs["input_ids"], scores.clone())

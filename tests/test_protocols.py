@@ -99,6 +99,10 @@ GENERATION = {
     ("var", "pope"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 128},
     # ClearSight visaug/inference/infer_pope.py:91-96: max_new_tokens=1024, no sampling or beam argument.
     ("vaf", "pope"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 1024},
+    # Deco pope_llava.py:114 + :158 (--temperature -1: greedy), :118 (5 tokens); chair_llava.py:124/:164,
+    # :127/:167 (1 beam), :168 (512).
+    ("deco", "pope"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 5},
+    ("deco", "chair"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 512},
     # veridical's default (the README's documented one): greedy, 128 / 512 tokens.
     ("default", "pope"): {"do_sample": False, "max_new_tokens": 128},
     ("default", "chair"): {"do_sample": False, "max_new_tokens": 512},
@@ -119,6 +123,9 @@ PROMPTS = {
     ("var", "pope"): lambda q: conv_v1(USER, q),  # VAR A_exps/lv1.5_7b.yml:9 vicuna_v1, inference.py:105
     # ClearSight infer_pope.py:37 (--conv-mode vicuna_v1), :70 (the suffix).
     ("vaf", "pope"): lambda q: conv_v1(USER, q + " Please just answer yes or no."),
+    # Deco pope_llava.py:84-86 (llava_v1 for a "v1" model name), :73 (no suffix); chair_llava.py:161.
+    ("deco", "pope"): lambda q: conv_v1(HUMAN, q),
+    ("deco", "chair"): lambda q: conv_v1(HUMAN, q),
 }
 
 #: (protocol, benchmark) -> the CHAIR request.
@@ -128,6 +135,7 @@ REQUESTS = {
     ("pai", "chair"): HELP_REQUEST,
     ("paint", "chair"): HELP_REQUEST,  # PAINT modPAI/chair_eval.py:100
     ("default", "chair"): OPERA_REQUEST,
+    ("deco", "chair"): OPERA_REQUEST,  # Deco chair_llava.py:99
 }
 
 #: (protocol, benchmark) -> POPE answer parser.
@@ -141,6 +149,7 @@ RULES = {
     ("var", "pope"): "llava",  # VAR src/eval/quick_eval_pope.py:23-35, LLaVA's rule
     # ClearSight visaug/inference/eval_pope.py:24-33: 'yes' in a yes answer, 'no' or 'not' in a no one.
     ("vaf", "pope"): "vcd",
+    ("deco", "pope"): "vcd",  # Deco eval_tool/eval_pope.py:39-50, VCD's label-dependent substring test
     ("default", "pope"): "llava",
 }
 
@@ -170,6 +179,9 @@ METHODS = {
     ("var", "pope", "var"): {"tau": 20.0, "rho": 0.5, "p": 0.6, "summ": 0.2},
     # ClearSight visaug/inference/infer_pope.sh:7-8 (--enh-para 1.15 --sup-para 0.95).
     ("vaf", "pope", "vaf"): {"enhance": 1.15, "suppress": 0.95},
+    # Deco pope_llava.py:161-163 and chair_llava.py:171-173 (alpha, threshold_top_p, threshold_top_k).
+    ("deco", "pope", "deco"): {"alpha": 0.6, "top_p": 0.9, "top_k": 20},
+    ("deco", "chair", "deco"): {"alpha": 0.6, "top_p": 0.9, "top_k": 20},
 }
 
 
@@ -244,7 +256,7 @@ def test_greedy_drops_the_sampling_settings_it_did_not_ask_for():
 
 def test_unknown_names_and_undefined_benchmarks_are_one_clear_error():
     with pytest.raises(
-        ProtocolError, match=r"unknown protocol 'vdc'; known protocols: avisc, default, llava"
+        ProtocolError, match=r"unknown protocol 'vdc'; known protocols: avisc, deco, default, llava"
     ):
         check_protocol("vdc", "pope")
     with pytest.raises(ProtocolError, match=r"'paint' defines no pope setting .*protocols with pope: avisc"):
@@ -456,8 +468,8 @@ def test_a_default_run_records_the_default_protocol(model_dir, dataset, tmp_path
     [
         (
             "vdc",
-            "unknown protocol 'vdc'; known protocols: avisc, default, llava, opera, pai, paint, vaf, var, "
-            "vcd, ",
+            "unknown protocol 'vdc'; known protocols: avisc, deco, default, llava, opera, pai, paint, vaf, "
+            "var, vcd, ",
         ),
         ("paint", "protocol 'paint' defines no pope setting"),
     ],

@@ -55,8 +55,11 @@ def generate(
         generate_kwargs = _compiled(generate_kwargs, compile)
     with ExitStack() as stack:
         for method in built:
-            if not isinstance(method, LogitsProcessor) and method not in loops:
-                stack.enter_context(method)
+            # Head methods and processors that read the forward (DeCo) attach hooks for the call;
+            # contrastive decoders join the fusion below; a method with its own loop runs it.
+            if method not in loops and not isinstance(method, ContrastiveDecoder):
+                if hasattr(method, "__enter__"):
+                    stack.enter_context(method)
         if loops:
             return loops[0].custom_generate(logits_processor=processors, **generate_kwargs)
         branched = [p for p in processors if isinstance(p, ContrastiveDecoder)]

@@ -6,9 +6,9 @@ Pass an instance to a stock ``model.generate(..., logits_processor=[...])`` or n
 
 from veridical.contrastive import ContrastiveDecoder
 from veridical.decoders.avisc import AvisC
+from veridical.decoders.deco import DeCo
 from veridical.decoders.m3id import M3ID
 from veridical.decoders.opera import OPERA
 from veridical.decoders.vcd import VCD
-from veridical.decoders.vista import VISTA
 
-__all__ = ["VCD", "M3ID", "AvisC", "OPERA", "VISTA", "ContrastiveDecoder"]
+__all__ = ["VCD", "M3ID", "AvisC", "DeCo", "OPERA", "ContrastiveDecoder"]

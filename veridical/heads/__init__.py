@@ -19,6 +19,7 @@ from veridical.heads.sinks import detect_sink_dims
 from veridical.heads.vaf import VAF
 from veridical.heads.var import VAR
 from veridical.heads.vhr import VHR
+from veridical.heads.vista import VISTA
 
 __all__ = [
     "ACT",
@@ -27,6 +28,7 @@ __all__ = [
     "VAF",
     "VAR",
     "VHR",
+    "VISTA",
     "HeadMethod",
     "calibrate_act_heads",
     "detect_sink_dims",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
@@ -12,37 +12,10 @@ from transformers import LogitsProcessor
 
 from veridical.adapters import Inputs, ModelAdapter, get_adapter
 from veridical.attention import AttentionHook, intercept_attention
-from veridical.errors import MethodSpecError, UnsupportedModelError
+from veridical.errors import UnsupportedModelError
+from veridical.layers import REFERENCE_DEPTH, check_layers, layer_range, scale_index
 
-#: Depth of the 7B models the official layer choices were written for.
-REFERENCE_DEPTH = 32
-
-
-def scale_index(index: int, depth: int, reference: int = REFERENCE_DEPTH) -> int:
-    """Layer ``index`` of a ``reference``-deep model, at the same relative depth of a ``depth``-deep one."""
-    return min(depth, round(index * depth / reference))
-
-
-def layer_range(start: int, stop: int, depth: int) -> list[int]:
-    """Layers ``start..stop-1`` of a 32-layer model, scaled to ``depth`` layers (never empty)."""
-    first = min(scale_index(start, depth), depth - 1)
-    return list(range(first, max(scale_index(stop, depth), first + 1)))
-
-
-def check_layers(name: str, layers: Sequence[int] | int, depth: int) -> list[int]:
-    """Validate a user's explicit layer list (or one layer) against the model's depth."""
-    if isinstance(layers, int):
-        layers = [layers]
-    if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):
-        raise MethodSpecError(f"{name} layers must be layer indices, got {layers!r}")
-    layers = sorted(set(layers))
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad or not layers:
-        raise MethodSpecError(
-            f"{name} layers {bad or '[]'} are not in 0..{depth - 1} (the text decoder's layers)"
-        )
-    return layers
-
+__all__ = ["REFERENCE_DEPTH", "HeadMethod", "check_layers", "layer_range", "prefill_columns", "scale_index"]
 
 #: Spare key columns held by :func:`prefill_columns`: eager decoding (one new key column per step)
 #: rebuilds what a method decided at prefill once every this many steps, not at every layer and step.

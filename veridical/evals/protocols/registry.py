@@ -32,6 +32,7 @@ PAI = _Repo("LALBJ/PAI", "9bbd8bd")
 PAINT = _Repo("hasanar1f/PAINT", "2a9e8f8")
 VAR = _Repo("seilk/VisAttnSink", "98e62d6")
 CLEARSIGHT = _Repo("ustc-hyin/ClearSight", "5466c94")
+DECO = _Repo("zjunlp/Deco", "fee8d75")
 
 #: transformers 4.x (which every script pins) samples with top-k 50 when ``top_k`` is not passed...
 _TOPK_4X = OPERA("transformers-4.29.2/src/transformers/generation/configuration_utils.py", 242)
@@ -592,6 +593,60 @@ VAF_PROTOCOL = Protocol(
     missing={"chair": "ustc-hyin/ClearSight ships no CHAIR evaluation (POPE only)"},
 )
 
+# -- DeCo -----------------------------------------------------------------------------------------------
+
+_DECO_LLAVA_V1 = DECO("llava/conversation.py", "335-345, 372") + " (llava_v1: a 'human' system message)"
+DECO_PROTOCOL = Protocol(
+    name="deco",
+    title="DeCo (Wang et al., ICLR 2025), pope_llava.py and chair_llava.py",
+    benchmarks={
+        "pope": BenchmarkProtocol(
+            {
+                "question_suffix": _set("", DECO("pope_llava.py", 73) + " (the question file's text alone)"),
+                "max_new_tokens": _set(5, DECO("pope_llava.py", 118)),
+                **_greedy(
+                    DECO("pope_llava.py", "114, 158") + " (--temperature -1: do_sample=False)",
+                    DECO("pope_llava.py", "109-126") + " (no num_beams)",
+                ),
+                # 'yes' in a yes question's answer, 'no' in a no question's: VCD's label-dependent rule.
+                "rule": _set("vcd", DECO("eval_tool/eval_pope.py", "39-50")),
+                "deco.alpha": _set(0.6, DECO("pope_llava.py", 161) + " (line 120 reads args.aplha, a typo)"),
+                "deco.top_p": _set(0.9, DECO("pope_llava.py", 162)),
+                "deco.top_k": _set(20, DECO("pope_llava.py", 163)),
+                "seed": _set(42, DECO("pope_llava.py", "168-170")),
+            },
+            families={
+                "llava": {"template": _set(_LLAVA_V1, DECO("pope_llava.py", "81-93") + "; " + _DECO_LLAVA_V1)}
+            },
+        ),
+        "chair": BenchmarkProtocol(
+            {
+                "instruction": _set("Please describe this image in detail.", DECO("chair_llava.py", 99)),
+                "max_new_tokens": _set(512, DECO("chair_llava.py", 168)),
+                **_greedy(
+                    DECO("chair_llava.py", "124, 164") + " (--temperature -1: do_sample=False)",
+                    DECO("chair_llava.py", "127, 167"),
+                ),
+                "deco.alpha": _set(0.6, DECO("chair_llava.py", 171)),
+                "deco.top_p": _set(0.9, DECO("chair_llava.py", 172)),
+                "deco.top_k": _set(20, DECO("chair_llava.py", 173)),
+                "seed": _set(42, DECO("chair_llava.py", "176-179")),
+            },
+            families={
+                "llava": {
+                    "template": _set(
+                        _LLAVA_V1, DECO("chair_llava.py", "101-110, 161") + "; " + _DECO_LLAVA_V1
+                    )
+                }
+            },
+            notes=(
+                "The 500 images are the lines of a file the script reads (chair_llava.py:95); veridical "
+                "draws 500 with --seed.",
+            ),
+        ),
+    },
+)
+
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
@@ -605,6 +660,7 @@ PROTOCOLS: dict[str, Protocol] = {
         PAINT_PROTOCOL,
         VAR_PROTOCOL,
         VAF_PROTOCOL,
+        DECO_PROTOCOL,
     )
 }
 #: Methods whose official code has no POPE or CHAIR script, and why (listed by ``veridical protocols``).

@@ -59,6 +59,7 @@ DEFAULT_METHODS: list[list[Any]] = [
     ["act"],
     ["var"],
     ["vaf"],
+    ["deco"],
 ]
 GENERATION = {
     "chair": {"do_sample": False, "max_new_tokens": 24},

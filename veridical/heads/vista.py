@@ -11,10 +11,11 @@ from torch.nn import functional as F
 from transformers import LogitsProcessor
 
 from veridical.adapters import Inputs, ModelAdapter
-from veridical.attention import AttentionHook, ForwardContext, auxiliary_forwards, prompt_rows
+from veridical.attention import AttentionHook, auxiliary_forwards, prompt_rows
 from veridical.errors import MethodSpecError
 from veridical.heads.base import HeadMethod, check_layers, scale_index
 from veridical.heads.paired import with_and_without_image
+from veridical.layer_logits import LayerReadout, early_logits
 from veridical.params import Flag, Layers, Optional, Real, Rule
 from veridical.registry import check_hyperparameters, register_method
 
@@ -162,56 +163,34 @@ def layer_outputs(adapter: ModelAdapter, inputs: Inputs) -> torch.Tensor:
     return torch.stack([outputs[i] for i in range(len(adapter.layers))], dim=1)
 
 
-class _SelfLogits(AttentionHook, LogitsProcessor):
+class _SelfLogits(LogitsProcessor):
     r"""Self-logits augmentation: mixes the final logits with ``lm_head`` of earlier layer outputs.
 
     :math:`(1 - w)\,l_{\text{final}} + w\,\overline{\mathrm{lm\_head}(h_i)}` over the window, where
     :math:`h_i` is layer :math:`i`'s output at the last position (the residual stream entering layer
     :math:`i + 1`, no final norm; the last layer's output after the final norm, as the official
-    code's hidden states), read from the model's own forward (never from a contrast branch).
+    code's hidden states), read from the model's own forward (never from a contrast branch) by a
+    :class:`~veridical.layer_logits.LayerReadout`.
     """
 
-    observes_layer_inputs = True
-    needs_weights = False
     #: Reads the hidden states of the forward that produced the scores (OPERA refuses it).
     reads_model_forward = True
 
     def __init__(self, adapter: ModelAdapter, window: list[int], weight: float):
         self.lm_head, self.window, self.weight = adapter.lm_head, window, weight
-        self.depth = adapter.num_layers
-        #: The window reads the last layer's output, which only the final norm's output holds.
-        self.reads_final = self.depth - 1 in window
-        inputs = {i + 1 for i in window if i + 1 < self.depth}
-        self.layers = sorted(inputs | ({self.depth - 1} if self.reads_final else set()))
-        self.states: dict[int, torch.Tensor] = {}
-        self._main_rows: int | None = None
-
-    def observe_layer_input(self, layer_idx: int, hidden: torch.Tensor, context: ForwardContext) -> None:
-        if context.sequence.auxiliary:
-            return
-        if layer_idx - 1 in self.window:
-            self.states[layer_idx - 1] = hidden[:, -1]
-        if self.reads_final and layer_idx == self.depth - 1:
-            # The main rows come first in a forward that carries contrast branches too.
-            self._main_rows = hidden.shape[0]
-
-    def observe_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        rows, self._main_rows = self._main_rows, None
-        if rows is not None:
-            self.states[self.depth - 1] = output[:rows, -1]
+        # Layer i's output is transformers' hidden_states[i + 1]: the input of layer i + 1, or for the
+        # last layer the final norm's output.
+        self.indices = [i + 1 for i in window]
+        self.readout = LayerReadout(adapter, self.indices)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = [self.states.get(i) for i in self.window]
-        if any(s is None or s.shape[0] != scores.shape[0] for s in states):
-            raise RuntimeError("VISTA's logits augmentation saw no forward of this generate() call")
+        states = self.readout.read(scores.shape[0], "VISTA's logits augmentation", self.indices)
         with torch.no_grad():
             if len(states) == 1:  # the mean of one is itself
                 early = self.lm_head(states[0]).float()
             else:
-                # One lm_head product over the stacked window: one weight read and one kernel per step,
-                # not one per layer. Each row's logits are lm_head of that row up to the rounding of
-                # the larger matrix product (at most 5e-7 apart in the scores of the test models).
-                early = self.lm_head(torch.stack(states)).float().mean(dim=0)
+                # At most 5e-7 from per-layer products in the scores of the test models.
+                early = early_logits(self.lm_head, states).mean(dim=0)
         if early.device != scores.device:
             early = early.to(scores.device)
         raw = scores if scores.dtype == torch.float32 else scores.float()
@@ -318,7 +297,7 @@ class VISTA(HeadMethod):
                 self.vectors[:, 0, 0] += 1
 
     def hooks(self) -> list[AttentionHook]:
-        return [self.augmentation] if self.augmentation else []
+        return [self.augmentation.readout] if self.augmentation else []
 
     def __enter__(self) -> VISTA:
         super().__enter__()
@@ -332,9 +311,8 @@ class VISTA(HeadMethod):
             for layer, source in self.pairs:
                 mlp = self.adapter.layers[layer].mlp
                 self._handles.append(mlp.register_forward_hook(self._steer_hook(source)))
-        if self.augmentation is not None and self.augmentation.reads_final:
-            norm = self.adapter.final_norm
-            self._handles.append(norm.register_forward_hook(self.augmentation.observe_final_norm))
+        if self.augmentation is not None and self.augmentation.readout.reads_final:
+            self._handles.append(self.augmentation.readout.attach_final_norm())
         return self
 
     def __exit__(self, *exc: Any) -> None:
