@@ -231,6 +231,29 @@ def test_calibrate_act_command_writes_a_head_file_act_accepts(tmp_path, monkeypa
     assert ACT(model, inputs, heads=out).heads == heads
 
 
+def test_calibrate_finds_the_methods_calibration_through_the_registry(tmp_path, monkeypatch, capsys):
+    """``veridical calibrate act`` and ``calibrate-act`` run one calibration: the same head file."""
+    from test_run_folder import one_error_line
+
+    from veridical.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "world", "--samples", "4", "--no-progress", "--output"]
+    options = ["--option", "layers=[1]", "--option", "threshold=0.08"]
+    assert main(["calibrate", "act", *options, *common, "generic.json"]) == 0
+    assert main(["calibrate-act", "--layers", "1", "--threshold", "0.08", *common, "flags.json"]) == 0
+    assert (tmp_path / "generic.json").read_text() == (tmp_path / "flags.json").read_text()
+    capsys.readouterr()
+    for argv, message in [
+        (["calibrate", "vcd", *common, "x.json"], "vcd has no calibration; methods with one: act"),
+        (["calibrate", "act", "--option", "bogus=1", *common, "x.json"], "no setting(s) ['bogus']"),
+        (["calibrate", "act", "--option", "scale=2", *common, "x.json"], "scale"),
+    ]:
+        assert main(argv) == 2
+        assert message in one_error_line(capsys)
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_calibrate_act_command_needs_data_for_other_models(tmp_path):
     from veridical.cli import main
 

@@ -116,22 +116,26 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(run=run_eval_command)
 
     cal = sub.add_parser(
-        "calibrate-act",
-        help="choose ACT's heads on a model from labelled POPE questions; write a JSON head file",
+        "calibrate",
+        help="calibrate a method that needs it (act: its heads) on labelled POPE questions; write its file",
     )
-    cal.add_argument("--model", required=True, help="hub id, local folder, world or world-noprior")
-    cal.add_argument("--questions", help="POPE question file (default for world models: a fresh world set)")
-    cal.add_argument("--images", help="image folder of the questions")
-    cal.add_argument("--samples", type=positive_int, default=32, help="questions drawn with --seed")
-    cal.add_argument("--layers", help="comma-separated layers to search (default: ACT's scaled 2..30)")
-    cal.add_argument("--scale", type=finite_float, default=0.4)
-    cal.add_argument("--threshold", type=finite_float, default=0.1)
-    cal.add_argument("--seed", type=nonnegative_int, default=0)
-    cal.add_argument("--dtype", default="auto")
-    cal.add_argument("--device", default="auto")
-    cal.add_argument("--output", required=True, help="head file to write (JSON)")
-    cal.add_argument("--no-progress", action="store_true")
-    cal.set_defaults(run=calibrate_act_command)
+    cal.add_argument("method", help="a method with a calibration: act")
+    _add_calibration_data(cal)
+    cal.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a calibration setting, repeatable (act: layers=[2,3], scale=0.4, threshold=0.1)",
+    )
+    cal.set_defaults(run=calibrate_command)
+
+    act = sub.add_parser("calibrate-act", help="veridical calibrate act, with its settings as flags")
+    _add_calibration_data(act)
+    act.add_argument("--layers", help="comma-separated layers to search (default: ACT's scaled 2..30)")
+    act.add_argument("--scale", type=finite_float, default=0.4)
+    act.add_argument("--threshold", type=finite_float, default=0.1)
+    act.set_defaults(run=calibrate_act_command)
 
     world = sub.add_parser("world", help="the synthetic world: train its model").add_subparsers(
         dest="world_command", required=True
@@ -601,17 +605,58 @@ def _world_report(args: argparse.Namespace, table: str) -> str:
 WORLD_CALIBRATION_SEED = 2000
 
 
+def _add_calibration_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, local folder, world or world-noprior")
+    parser.add_argument(
+        "--questions", help="POPE question file (default for world models: a fresh world set)"
+    )
+    parser.add_argument("--images", help="image folder of the questions")
+    parser.add_argument("--samples", type=positive_int, default=32, help="questions drawn with --seed")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", required=True, help="the file to write (JSON)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from veridical.registry import parse_method_spec
+
+    spec = parse_method_spec(f"{args.method}:{','.join(args.option)}" if args.option else args.method)
+    name = spec if isinstance(spec, str) else spec.pop("name")
+    return run_calibration(args, name, {} if isinstance(spec, str) else spec)
+
+
 def calibrate_act_command(args: argparse.Namespace) -> int:
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    options = {"scale": args.scale, "threshold": args.threshold}
+    return run_calibration(args, "act", options if layers is None else {"layers": layers, **options})
+
+
+def run_calibration(args: argparse.Namespace, name: str, options: dict[str, Any]) -> int:
+    """Calibrate method ``name`` with ``options`` (checked against its ``calibration_rules``) on POPE
+    questions (for a world model without ``--questions``: a fresh world set) and write its file."""
+    from veridical.errors import MethodSpecError
     from veridical.evals.calibration import pope_calibration_samples
     from veridical.evals.models import load_model
     from veridical.evals.world.evaluate import write_world_data
     from veridical.evals.world.shipped import WORLD_MODELS, model_path
-    from veridical.heads.act import calibrate_act_heads, save_heads
+    from veridical.params import check_values
+    from veridical.registry import list_methods, method_class
 
+    cls = method_class(name)
+    if not hasattr(cls, "calibrate"):
+        having = [m for m in list_methods() if hasattr(method_class(m), "calibrate")]
+        raise MethodSpecError(f"{name} has no calibration; methods with one: {', '.join(having)}")
+    rules = getattr(cls, "calibration_rules", {})
+    unknown = sorted(set(options) - set(rules))
+    if unknown:
+        raise MethodSpecError(f"{name} calibration has no setting(s) {unknown}; settings: {sorted(rules)}")
+    check_values(name, rules, options)
     questions, images = args.questions, args.images
     if questions is None:
         if args.model not in WORLD_MODELS:
-            raise SystemExit("calibrate-act: --questions and --images are required for non-world models")
+            raise SystemExit(f"calibrate {name}: --questions and --images are required for non-world models")
         data = write_world_data(
             Path("runs/world") / f"calibration-{WORLD_CALIBRATION_SEED}",
             4 * args.samples,
@@ -619,28 +664,12 @@ def calibrate_act_command(args: argparse.Namespace) -> int:
         )
         questions, images = data / "world_pope_random.json", data / "pope"
     elif images is None:
-        raise SystemExit("calibrate-act: --images is required with --questions")
+        raise SystemExit(f"calibrate {name}: --images is required with --questions")
     model, processor = load_model(model_path(args.model), args.dtype, args.device)
     samples = pope_calibration_samples(model, processor, questions, images, args.samples, args.seed)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    heads = calibrate_act_heads(
-        model,
-        samples,
-        layers=layers,
-        scale=args.scale,
-        threshold=args.threshold,
-        progress=not args.no_progress,
-    )
-    save_heads(
-        heads,
-        args.output,
-        model=args.model,
-        questions=str(questions),
-        samples=len(samples),
-        scale=args.scale,
-        threshold=args.threshold,
-    )
-    print(f"{sum(map(len, heads.values()))} head(s) kept in {len(heads)} layer(s); written to {args.output}")
+    meta = {"model": args.model, "questions": str(questions), "samples": len(samples)}
+    summary = cls.calibrate(model, samples, args.output, progress=not args.no_progress, meta=meta, **options)
+    print(f"{summary}; written to {args.output}")
     return 0
 
 

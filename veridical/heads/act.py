@@ -132,6 +132,33 @@ class ACT(HeadMethod):
     """
 
     #: Accepted values of each hyper-parameter (:mod:`veridical.params`), checked before any model.
+    #: Settings of ``veridical calibrate act`` (see :func:`calibrate_act_heads`), checked like
+    #: hyper-parameters.
+    calibration_rules: ClassVar[dict[str, Rule]] = {
+        "layers": Optional(Layers()),
+        "scale": Real(0, 1),
+        "threshold": Real(0, 1, low_open=True, high_open=True),
+    }
+
+    @classmethod
+    def calibrate(
+        cls,
+        model: nn.Module,
+        samples: list[tuple[Inputs, torch.Tensor]],
+        output: str,
+        progress: bool = True,
+        meta: Mapping[str, Any] | None = None,
+        layers: Sequence[int] | None = None,
+        scale: float = 0.4,
+        threshold: float = 0.1,
+    ) -> str:
+        """``veridical calibrate act``: choose the heads on ``samples`` (:func:`calibrate_act_heads`),
+        write them to ``output`` as a head file with ``meta``, ``scale`` and ``threshold``; returns a
+        summary line."""
+        heads = calibrate_act_heads(model, samples, layers, scale, threshold, progress)
+        save_heads(heads, output, **dict(meta or {}), scale=scale, threshold=threshold)
+        return f"{sum(map(len, heads.values()))} head(s) kept in {len(heads)} layer(s)"
+
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "scale": Real(0, 1),
         "threshold": Real(0, 1, low_open=True, high_open=True),
