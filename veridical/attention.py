@@ -338,7 +338,7 @@ def veridical_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The registered ``"veridical"`` attention kernel (see the module docstring)."""
     hooks = getattr(module, _HOOKS, ())
-    context = _current_context(module) if hooks else None
+    context = current_context(module) if hooks else None
     weight_hooks = [h for h in hooks if h.needs_weights]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -524,7 +524,10 @@ def _valid_keys(mask: Any) -> torch.Tensor | None:
     return None
 
 
-def _current_context(module: nn.Module) -> ForwardContext:
+def current_context(module: nn.Module) -> ForwardContext:
+    """The :class:`ForwardContext` of the text-decoder forward running now, from one of its attention
+    modules (a hook on another part of a layer, such as MemVR's on the MLP, reads it through the
+    layer's attention module)."""
     state: _InterceptionState = getattr(module, _STATE)
     if state.current is None:
         raise RuntimeError("attention ran outside a tracked text-decoder forward")

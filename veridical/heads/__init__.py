@@ -13,6 +13,7 @@ depths at the same relative depth (:func:`veridical.heads.base.layer_range`); ``
 
 from veridical.heads.act import ACT, calibrate_act_heads, load_heads, save_heads
 from veridical.heads.base import HeadMethod
+from veridical.heads.memvr import MemVR
 from veridical.heads.pai import PAI
 from veridical.heads.paint import PAINT
 from veridical.heads.sinks import detect_sink_dims
@@ -23,6 +24,7 @@ from veridical.heads.vista import VISTA
 
 __all__ = [
     "ACT",
+    "MemVR",
     "PAI",
     "PAINT",
     "VAF",

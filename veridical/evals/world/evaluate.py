@@ -60,6 +60,7 @@ DEFAULT_METHODS: list[list[Any]] = [
     ["var"],
     ["vaf"],
     ["deco"],
+    ["memvr"],
 ]
 GENERATION = {
     "chair": {"do_sample": False, "max_new_tokens": 24},
