@@ -47,6 +47,9 @@ COMMON = [
     ("m3id", 1),
     ("avisc", 1),
     ("vista", 1),
+    ("vaf", 1),
+    ("deco", 1),
+    ("memvr", 1),
     ("pai+vcd", 1),
     ("vanilla", 5),
     ("opera", 5),
@@ -302,7 +305,7 @@ TARGETS = {
 OPERA_TARGET = 1.5  # OPERA (eager) against compiled beam search with the same beams
 SPEEDUP_TARGET = 3.0  # compiled vanilla against eager vanilla, batch 1
 KEY_METHODS = ["pai", "vcd", "vista", "opera"]
-OTHER_METHODS = ["paint", "vhr", "act", "var", "m3id", "avisc", "pai+vcd"]
+OTHER_METHODS = ["paint", "vhr", "act", "var", "m3id", "avisc", "vaf", "deco", "memvr", "pai+vcd"]
 
 
 def default_plan(llava: str = "llava-1.5-7b", qwen: str = "qwen2.5-vl-7b") -> list[str]:

@@ -103,6 +103,8 @@ GENERATION = {
     # :127/:167 (1 beam), :168 (512).
     ("deco", "pope"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 5},
     ("deco", "chair"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 512},
+    # MemVR eval_scripts/llava/chair.sh:10 (--temperature 0) and :15 (1024 tokens); the loader's :78 (1 beam).
+    ("memvr", "chair"): {"do_sample": False, "num_beams": 1, "max_new_tokens": 1024},
     # veridical's default (the README's documented one): greedy, 128 / 512 tokens.
     ("default", "pope"): {"do_sample": False, "max_new_tokens": 128},
     ("default", "chair"): {"do_sample": False, "max_new_tokens": 512},
@@ -126,6 +128,7 @@ PROMPTS = {
     # Deco pope_llava.py:84-86 (llava_v1 for a "v1" model name), :73 (no suffix); chair_llava.py:161.
     ("deco", "pope"): lambda q: conv_v1(HUMAN, q),
     ("deco", "chair"): lambda q: conv_v1(HUMAN, q),
+    ("memvr", "chair"): lambda q: conv_v1(USER, q),  # MemVR llava_model_vqa_loader_chair.py:73 vicuna_v1
 }
 
 #: (protocol, benchmark) -> the CHAIR request.
@@ -136,6 +139,7 @@ REQUESTS = {
     ("paint", "chair"): HELP_REQUEST,  # PAINT modPAI/chair_eval.py:100
     ("default", "chair"): OPERA_REQUEST,
     ("deco", "chair"): OPERA_REQUEST,  # Deco chair_llava.py:99
+    ("memvr", "chair"): OPERA_REQUEST,  # MemVR llava_model_vqa_loader_chair.py:176
 }
 
 #: (protocol, benchmark) -> POPE answer parser.
@@ -182,6 +186,8 @@ METHODS = {
     # Deco pope_llava.py:161-163 and chair_llava.py:171-173 (alpha, threshold_top_p, threshold_top_k).
     ("deco", "pope", "deco"): {"alpha": 0.6, "top_p": 0.9, "top_k": 20},
     ("deco", "chair", "deco"): {"alpha": 0.6, "top_p": 0.9, "top_k": 20},
+    # MemVR llava_model_vqa_loader_chair.py:114-120 (hard-coded; chair.sh's 0.31 is not read).
+    ("memvr", "chair", "memvr"): {"retracing_ratio": 0.12, "entropy_threshold": 0.75},
 }
 
 
@@ -256,7 +262,7 @@ def test_greedy_drops_the_sampling_settings_it_did_not_ask_for():
 
 def test_unknown_names_and_undefined_benchmarks_are_one_clear_error():
     with pytest.raises(
-        ProtocolError, match=r"unknown protocol 'vdc'; known protocols: avisc, deco, default, llava"
+        ProtocolError, match=r"unknown protocol 'vdc'; known protocols: avisc, deco, default, llava, memvr"
     ):
         check_protocol("vdc", "pope")
     with pytest.raises(ProtocolError, match=r"'paint' defines no pope setting .*protocols with pope: avisc"):
@@ -468,8 +474,8 @@ def test_a_default_run_records_the_default_protocol(model_dir, dataset, tmp_path
     [
         (
             "vdc",
-            "unknown protocol 'vdc'; known protocols: avisc, deco, default, llava, opera, pai, paint, vaf, "
-            "var, vcd, ",
+            "unknown protocol 'vdc'; known protocols: avisc, deco, default, llava, memvr, opera, pai, paint, "
+            "vaf, var, vcd, ",
         ),
         ("paint", "protocol 'paint' defines no pope setting"),
     ],

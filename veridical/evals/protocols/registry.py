@@ -33,6 +33,7 @@ PAINT = _Repo("hasanar1f/PAINT", "2a9e8f8")
 VAR = _Repo("seilk/VisAttnSink", "98e62d6")
 CLEARSIGHT = _Repo("ustc-hyin/ClearSight", "5466c94")
 DECO = _Repo("zjunlp/Deco", "fee8d75")
+MEMVR = _Repo("1zhou-Wang/MemVR", "de2e3cf")
 
 #: transformers 4.x (which every script pins) samples with top-k 50 when ``top_k`` is not passed...
 _TOPK_4X = OPERA("transformers-4.29.2/src/transformers/generation/configuration_utils.py", 242)
@@ -647,6 +648,39 @@ DECO_PROTOCOL = Protocol(
     },
 )
 
+# -- MemVR ----------------------------------------------------------------------------------------------
+
+_MEMVR_CHAIR = "eval/llava_model_vqa_loader_chair.py"
+MEMVR_PROTOCOL = Protocol(
+    name="memvr",
+    title="MemVR (Zou et al., ICML 2025), eval_scripts/llava/chair.sh",
+    benchmarks={
+        "chair": BenchmarkProtocol(
+            {
+                "instruction": _set("Please describe this image in detail.", MEMVR(_MEMVR_CHAIR, 176)),
+                "max_new_tokens": _set(1024, MEMVR("eval_scripts/llava/chair.sh", 15)),
+                **_greedy(
+                    MEMVR("eval_scripts/llava/chair.sh", 10) + "; " + MEMVR(_MEMVR_CHAIR, 192),
+                    MEMVR(_MEMVR_CHAIR, 78),
+                ),
+                # The script hard-codes the ratio: chair.sh's --retracing-ratio 0.31 (line 13) is ignored.
+                "memvr.retracing_ratio": _set(0.12, MEMVR(_MEMVR_CHAIR, "114-120")),
+                "memvr.entropy_threshold": _set(0.75, MEMVR(_MEMVR_CHAIR, "114-120")),
+            },
+            families={"llava": {"template": _set(_VICUNA_V1, MEMVR(_MEMVR_CHAIR, "73, 177-181"))}},
+            notes=(
+                "The 500 images are the first lines of playground/data/eval/chair/shuffled_img_files.txt "
+                f"({MEMVR(_MEMVR_CHAIR, '125-127')}), a file the repository does not ship; veridical "
+                "draws 500 with --seed. No seed is set (greedy decoding).",
+            ),
+        )
+    },
+    missing={
+        "pope": "1zhou-Wang/MemVR ships no POPE script at de2e3cf (the nearest is MME: "
+        "eval_scripts/llava/mme.sh)"
+    },
+)
+
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
@@ -661,6 +695,7 @@ PROTOCOLS: dict[str, Protocol] = {
         VAR_PROTOCOL,
         VAF_PROTOCOL,
         DECO_PROTOCOL,
+        MEMVR_PROTOCOL,
     )
 }
 #: Methods whose official code has no POPE or CHAIR script, and why (listed by ``veridical protocols``).
