@@ -129,13 +129,7 @@ class BranchFusion:
         for layer, extra in zip(cache.layers, own.layers, strict=True):
             layer.keys = stack_padded([layer.keys, extra.keys], [0, pad], dim=2)
             layer.values = stack_padded([layer.values, extra.values], [0, pad], dim=2)
-        segments = getattr(cache, SEGMENTS, None) or [Segment(rows, 0, None)]
-        setattr(cache, SEGMENTS, [*segments, Segment(rows, pad, sequence_of(self.model, own))])
-        # generate() reorders beams through the cache it holds; every branch's rows must follow.
-        cache.reorder_cache = self._reorder
-        branch.pad = pad
-        self.branches.append(branch)
-        return True
+        return self._joined(branch, own, pad)
 
     def _join_static(self, branch: Branch) -> bool:
         """:meth:`join` for a ``StaticCache``: the branch's rows are appended below the main ones once.
@@ -177,8 +171,15 @@ class BranchFusion:
         prompt_mask[:, pad:main_len] = branch.attention_mask.bool()
         branch.static_mask = prompt_mask[:, None, None, :]
         branch.position_offset = branch_next.to(self._main_next.device) - self._main_next
+        return self._joined(branch, own, pad)
+
+    def _joined(self, branch: Branch, own: Any, pad: int) -> bool:
+        """Record a branch whose rows now sit below the others in generate()'s cache (``pad`` columns of
+        left padding), with ``own`` its former cache; both joins end here."""
+        cache, rows = self.cache, self.rows
         segments = getattr(cache, SEGMENTS, None) or [Segment(rows, 0, None)]
         setattr(cache, SEGMENTS, [*segments, Segment(rows, pad, sequence_of(self.model, own))])
+        # generate() reorders beams through the cache it holds; every branch's rows must follow.
         cache.reorder_cache = self._reorder
         branch.pad = pad
         self.branches.append(branch)
